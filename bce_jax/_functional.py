@@ -1,0 +1,257 @@
+r"""The binary cross-entropy formula: the only copy in the package.
+
+Everything else (the loss object, the metric) calls
+:func:`binary_crossentropy_elementwise` or :func:`binary_crossentropy`.
+
+Two formulations, one per kind of prediction:
+
+* logits: ``(1 - y) * softplus(x) + w * y * softplus(-x)``, where both
+  softplus values share one ``exp`` and one ``log1p``:
+  ``softplus(±x) = max(±x, 0) + log1p(exp(-|x|))``. Both terms are
+  non-negative, so there is no cancellation: the result is accurate to a few
+  float32 ulps for every finite logit and every label in [0, 1]. The softplus
+  pair carries a custom JVP whose derivative is the sigmoid, computed from
+  ``exp(-|x|)`` on the side that cannot overflow; plain autodiff of
+  ``max`` and ``|x|`` would be wrong at exactly ``x = 0``.
+* probabilities: ``-(w * y * log(p) + (1 - y) * log(1 - p))`` with ``p``
+  clipped to ``[eps, 1 - eps]``. The clip passes the gradient straight
+  through, so the derivative is that of the loss at the clipped probability
+  (Keras returns 0 there, and a confidently wrong prediction stops learning).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from bce_jax import _checks
+
+_EPS = 1e-7
+
+
+def clip_eps(dtype: Any) -> float:
+  """The clip width for probabilities computed in `dtype`.
+
+  Keras's 1e-7, widened where the dtype cannot represent ``1 - 1e-7`` (it
+  would round to 1 and ``log(1 - p)`` would be ``-inf``). bce_jax computes
+  in float32 or float64, where 1e-7 already works; the rule is kept general
+  so the clip can never produce an infinite loss.
+  """
+  return max(_EPS, float(np.finfo(dtype).epsneg))
+
+
+@jax.custom_jvp
+def _sigmoid_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(sigmoid(x), sigmoid(-x))``, both accurate in their tails, one exp."""
+  e = jnp.exp(-jnp.abs(x))
+  big = 1.0 / (1.0 + e)  # sigmoid(|x|)
+  small = e * big  # sigmoid(-|x|)
+  pos = x >= 0
+  return jnp.where(pos, big, small), jnp.where(pos, small, big)
+
+
+@_sigmoid_pair.defjvp
+def _sigmoid_pair_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  sig_pos, sig_neg = _sigmoid_pair(x)
+  d = sig_pos * sig_neg * dx
+  return (sig_pos, sig_neg), (d, -d)
+
+
+@jax.custom_jvp
+def _softplus_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(softplus(x), softplus(-x))`` from one exp and one log1p."""
+  # log1p(exp(-|x|)) is the part the two share; it is in (0, log 2] and
+  # never overflows. max(±x, 0) carries the magnitude.
+  tail = jnp.log1p(jnp.exp(-jnp.abs(x)))
+  return jnp.maximum(x, 0) + tail, jnp.maximum(-x, 0) + tail
+
+
+@_softplus_pair.defjvp
+def _softplus_pair_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  # The derivative is recomputed from x rather than shared with the primal:
+  # when the loss and its gradient are fused separately, a shared value
+  # would be written out as a full-size temporary.
+  sig_pos, sig_neg = _sigmoid_pair(x)
+  return _softplus_pair(x), (sig_pos * dx, -sig_neg * dx)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _clip_straight_through(p: jax.Array, lo: float, hi: float) -> jax.Array:
+  """``clip(p, lo, hi)`` whose derivative is 1 everywhere."""
+  return jnp.clip(p, lo, hi)
+
+
+@_clip_straight_through.defjvp
+def _clip_straight_through_jvp(lo, hi, primals, tangents):
+  (p,), (dp,) = primals, tangents
+  return _clip_straight_through(p, lo, hi), dp
+
+
+def _element_losses(
+    labels: jax.Array,
+    preds: jax.Array,
+    pos_weight: jax.Array | None,
+    from_logits: bool,
+) -> jax.Array:
+  """The BCE of each element; `labels` already smoothed, all in one dtype."""
+  if from_logits:
+    sp_pos, sp_neg = _softplus_pair(preds)  # -log(1 - p), -log(p)
+    positive = labels * sp_neg
+    negative = (1 - labels) * sp_pos
+  else:
+    eps = clip_eps(preds.dtype)
+    probs = _clip_straight_through(preds, eps, 1.0 - eps)
+    positive = -labels * jnp.log(probs)
+    negative = -(1 - labels) * jnp.log(1 - probs)
+  if pos_weight is not None:
+    positive = pos_weight * positive
+  return positive + negative
+
+
+def _prepare(y_true, y_pred, label_smoothing, pos_weight, from_logits):
+  """Converts, checks and aligns the inputs; returns arrays in the compute dtype."""
+  from_logits = _checks.check_bool("from_logits", from_logits)
+  y_true = _checks.as_array("y_true", y_true)
+  y_pred = _checks.as_array("y_pred", y_pred)
+  _checks.check_label_smoothing(label_smoothing)
+  y_true, y_pred = _checks.same_rank_shapes(y_true, y_pred)
+  dtype = _checks.compute_dtype(y_pred)
+  if pos_weight is not None:
+    pos_weight = _checks.as_array("pos_weight", pos_weight)
+    _checks.check_pos_weight(pos_weight, tuple(y_pred.shape))
+    pos_weight = pos_weight.astype(dtype)
+  return y_true, y_pred.astype(dtype), pos_weight, from_logits
+
+
+@functools.partial(jax.jit, static_argnames=("from_logits", "axes"))
+def _kernel(y_true, y_pred, label_smoothing, pos_weight, *, from_logits, axes):
+  """Element losses (``axes is None``) or their mean over `axes`."""
+  _checks.check_in_unit_interval("y_true", y_true, "labels")
+  if from_logits:
+    _checks.check_finite("y_pred", y_pred, "logits")
+  else:
+    _checks.check_in_unit_interval("y_pred", y_pred, "probabilities")
+  if pos_weight is not None:
+    _checks.check_non_negative("pos_weight", pos_weight)
+  labels = y_true.astype(y_pred.dtype)
+  smoothing = jnp.asarray(label_smoothing, y_pred.dtype)
+  labels = labels * (1 - smoothing) + 0.5 * smoothing
+  losses = _element_losses(labels, y_pred, pos_weight, from_logits)
+  if axes is None:
+    return losses
+  count = _checks.prod(losses.shape[a] for a in axes)
+  # An empty axis gives 0, not nan, like every other empty reduction here.
+  return jnp.sum(losses, axis=axes) / max(count, 1)
+
+
+def binary_crossentropy_elementwise(
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    from_logits: bool = False,
+    label_smoothing: float = 0.0,
+    *,
+    pos_weight: ArrayLike | None = None,
+) -> jax.Array:
+  r"""Binary cross-entropy of each element, with no reduction.
+
+  .. math::
+    \ell = -\left[w_+\,\tilde y \log p + (1 - \tilde y) \log(1 - p)\right],
+    \qquad \tilde y = y (1 - s) + s / 2
+
+  where :math:`p = \sigma(x)` for logits and :math:`p` clipped to
+  ``[eps, 1 - eps]`` (``eps = 1e-7``) for probabilities.
+
+  Args:
+    y_true: labels in [0, 1], shape `[batch, d0, .., dN]`. Integer and bool
+      labels are cast.
+    y_pred: probabilities, or logits if `from_logits`, of the same shape as
+      `y_true`. A trailing axis of size 1 on either side is squeezed or
+      added so the ranks agree (`[B]` with `[B, 1]` gives `[B, 1]`); other
+      shape differences are an error, never a broadcast.
+    from_logits: whether `y_pred` holds logits (the numerically safer
+      choice) rather than probabilities.
+    label_smoothing: `s` in [0, 1]; labels become ``y * (1 - s) + 0.5 * s``.
+    pos_weight: weight `w_+` of the positive term, a scalar or a vector over
+      the last axis (as PyTorch's ``BCEWithLogitsLoss``). None means 1.
+
+  Returns:
+    The element losses, in the shape of the aligned inputs. The dtype is
+    float32 for float32, float16, bfloat16, integer and bool `y_pred`, and
+    float64 for float64 `y_pred` (with ``jax_enable_x64``).
+
+  Raises:
+    ValueError: if the shapes do not match, `label_smoothing` is outside
+      [0, 1], or `pos_weight` does not fit the last axis.
+    TypeError: if an input is complex or not numeric.
+
+  Examples:
+    >>> import jax.numpy as jnp, bce_jax
+    >>> y = jnp.array([1.0, 0.0, 1.0])
+    >>> x = jnp.array([2.0, -1.0, -3.0])
+    >>> losses = bce_jax.binary_crossentropy_elementwise(y, x, from_logits=True)
+    >>> print(jnp.round(losses, 4))
+    [0.1269 0.3133 3.0486]
+  """
+  y_true, y_pred, pos_weight, from_logits = _prepare(
+      y_true, y_pred, label_smoothing, pos_weight, from_logits
+  )
+  return _kernel(
+      y_true, y_pred, label_smoothing, pos_weight, from_logits=from_logits, axes=None
+  )
+
+
+def binary_crossentropy(
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    from_logits: bool = False,
+    label_smoothing: float = 0.0,
+    axis: int | tuple[int, ...] = -1,
+    *,
+    pos_weight: ArrayLike | None = None,
+) -> jax.Array:
+  r"""Binary cross-entropy averaged over `axis`, as ``keras.losses.binary_crossentropy``.
+
+  .. math:: \ell = -\,\mathrm{mean}_{axis}\left[w_+\,\tilde y \log p
+     + (1 - \tilde y) \log(1 - p)\right]
+
+  Args:
+    y_true: labels in [0, 1], shape `[batch, d0, .., dN]`; int/bool are cast.
+    y_pred: probabilities (clipped to ``[1e-7, 1 - 1e-7]``), or logits if
+      `from_logits`, of the same shape (a trailing size-1 axis on either
+      side is squeezed or added; nothing is broadcast).
+    from_logits: whether `y_pred` holds logits rather than probabilities.
+    label_smoothing: `s` in [0, 1]; labels become ``y * (1 - s) + 0.5 * s``.
+    axis: the axis or tuple of axes to average over.
+    pos_weight: weight of the positive term, scalar or per last-axis entry.
+
+  Returns:
+    Array of shape `[batch, d0, .., dN-1]` (the inputs without `axis`):
+    float32, or float64 for float64 `y_pred`. Averaging over an axis of size
+    0 gives 0.
+
+  Raises:
+    ValueError: if the shapes do not match, `axis` is out of range,
+      `label_smoothing` is outside [0, 1], or `pos_weight` does not fit.
+    TypeError: if an input is complex or not numeric.
+
+  Examples:
+    >>> import jax.numpy as jnp, bce_jax
+    >>> y_true = jnp.array([[0.0, 1.0], [0.0, 0.0]])
+    >>> y_pred = jnp.array([[0.6, 0.4], [0.4, 0.6]])
+    >>> print(jnp.round(bce_jax.binary_crossentropy(y_true, y_pred), 3))
+    [0.916 0.714]
+  """
+  y_true, y_pred, pos_weight, from_logits = _prepare(
+      y_true, y_pred, label_smoothing, pos_weight, from_logits
+  )
+  axes = _checks.normalize_axis(axis, y_pred.ndim)
+  return _kernel(
+      y_true, y_pred, label_smoothing, pos_weight, from_logits=from_logits, axes=axes
+  )
