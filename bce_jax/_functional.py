@@ -192,11 +192,11 @@ def binary_crossentropy_elementwise(
     TypeError: if an input is complex or not numeric.
 
   Examples:
-    >>> import jax.numpy as jnp, bce_jax
+    >>> import jax.numpy as jnp, numpy as np, bce_jax
     >>> y = jnp.array([1.0, 0.0, 1.0])
     >>> x = jnp.array([2.0, -1.0, -3.0])
     >>> losses = bce_jax.binary_crossentropy_elementwise(y, x, from_logits=True)
-    >>> print(jnp.round(losses, 4))
+    >>> print(np.round(np.asarray(losses), 4))
     [0.1269 0.3133 3.0486]
   """
   y_true, y_pred, pos_weight, from_logits = _prepare(
@@ -242,10 +242,10 @@ def binary_crossentropy(
     TypeError: if an input is complex or not numeric.
 
   Examples:
-    >>> import jax.numpy as jnp, bce_jax
+    >>> import jax.numpy as jnp, numpy as np, bce_jax
     >>> y_true = jnp.array([[0.0, 1.0], [0.0, 0.0]])
     >>> y_pred = jnp.array([[0.6, 0.4], [0.4, 0.6]])
-    >>> print(jnp.round(bce_jax.binary_crossentropy(y_true, y_pred), 3))
+    >>> print(np.round(np.asarray(bce_jax.binary_crossentropy(y_true, y_pred)), 3))
     [0.916 0.714]
   """
   y_true, y_pred, pos_weight, from_logits = _prepare(
