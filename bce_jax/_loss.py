@@ -195,6 +195,14 @@ class BinaryCrossentropy:
       sample_weight: ArrayLike | None = None,
       mask: ArrayLike | None = None,
   ) -> jax.Array:
+    # Convert here, outside the jit, so that a bad input is reported by name
+    # rather than by jax.jit's argument check.
+    y_true = _checks.as_array("y_true", y_true)
+    y_pred = _checks.as_array("y_pred", y_pred)
+    if sample_weight is not None:
+      sample_weight = _checks.as_array("sample_weight", sample_weight)
+    if mask is not None:
+      mask = _checks.as_array("mask", mask)
     return _call_loss(self, y_true, y_pred, sample_weight, mask)
 
   def get_config(self) -> dict[str, Any]:
