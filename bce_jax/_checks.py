@@ -348,10 +348,17 @@ def weight_to_shape(
   except ValueError:
     out_shape = None
   if out_shape != shape:
+    if not shape:
+      raise ValueError(
+          f"`{name}` with shape {given} does not fit the per-sample loss, which is a "
+          f"scalar: rank-1 inputs are one sample's features (as in Keras). For one "
+          f"loss per element pass y_true and y_pred of shape [batch, 1], or pass a "
+          f"scalar `{name}`."
+      )
     raise ValueError(
         f"`{name}` with shape {given} does not broadcast to the per-sample loss "
-        f"shape {shape}; pass a scalar, shape [batch]=({shape[0] if shape else ''},), "
-        f"or a shape that broadcasts to {shape}."
+        f"shape {shape}; pass a scalar, shape [batch]=({shape[0]},), or a shape "
+        f"that broadcasts to {shape}."
     )
   return jnp.broadcast_to(weight, shape)
 
