@@ -154,34 +154,57 @@ def _first_line(message: str) -> str:
   return first.replace(" (`check` failed)", "")
 
 
+def value_checks_on() -> bool:
+  """Whether the current trace is under :func:`checked`."""
+  return _value_checks_on()
+
+
 def value_check(ok: jax.Array, message: str, **fmt: jax.Array) -> None:
   """Records a data-dependent check; a no-op unless under `checked`."""
   if _value_checks_on():
     checkify.check(jnp.all(ok), message, **fmt)
 
 
-def check_in_unit_interval(name: str, x: jax.Array, what: str) -> None:
-  """Value check: every element of `x` is in [0, 1] and not nan."""
+def _where(x: jax.Array, where: jax.Array | None, fill: float) -> jax.Array:
+  """`x` as float32, with `fill` in the elements that `where` leaves out."""
+  x = x.astype(jnp.float32)
+  if where is None:
+    return x
+  return jnp.where(where, x, jnp.float32(fill))
+
+
+def check_in_unit_interval(
+    name: str, x: jax.Array, what: str, where: jax.Array | None = None
+) -> None:
+  """Value check: every element of `x` is in [0, 1] and not nan.
+
+  Elements where `where` is False (masked padding) are not checked.
+  """
   if not _value_checks_on():
     return
-  x = x.astype(jnp.float32)
+  has_nan = jnp.isnan(_where(x, where, 0.0)).any()
+  value_check(~has_nan, f"{name} contains nan; expected {what} in [0, 1].")
+  # nan marks the skipped elements for nanmin/nanmax; an all-skipped
+  # array reports the empty range [0, 0].
+  x = _where(x, where, float("nan"))
+  ok = ~((x < 0) | (x > 1)).any()
+  lo = jnp.nanmin(jnp.append(x, jnp.float32(jnp.inf)))
+  hi = jnp.nanmax(jnp.append(x, -jnp.float32(jnp.inf)))
   value_check(
-      ~jnp.isnan(x).any(),
-      f"{name} contains nan; expected {what} in [0, 1].",
-  )
-  value_check(
-      (x >= 0).all() & (x <= 1).all(),
+      ok,
       f"{name} must hold {what} in [0, 1]; got values in [{{lo}}, {{hi}}].",
-      lo=jnp.nanmin(x) if x.size else jnp.float32(0),
-      hi=jnp.nanmax(x) if x.size else jnp.float32(0),
+      lo=lo,
+      hi=hi,
   )
 
 
-def check_finite(name: str, x: jax.Array, what: str) -> None:
+def check_finite(
+    name: str, x: jax.Array, what: str, where: jax.Array | None = None
+) -> None:
   """Value check: `x` has no nan (infinities are allowed, e.g. for logits)."""
   if not _value_checks_on():
     return
-  value_check(~jnp.isnan(x).any(), f"{name} contains nan; expected {what}.")
+  value_check(~jnp.isnan(_where(x, where, 0.0)).any(), f"{name} contains nan; expected {what}.")
 
 
 def check_non_negative(name: str, x: jax.Array) -> None:
@@ -193,7 +216,7 @@ def check_non_negative(name: str, x: jax.Array) -> None:
   value_check(
       (x >= 0).all(),
       f"{name} must be >= 0; got a minimum of {{lo}}.",
-      lo=jnp.nanmin(x) if x.size else jnp.float32(0),
+      lo=jnp.nanmin(jnp.append(x.ravel(), jnp.float32(0))),
   )
 
 
@@ -233,16 +256,39 @@ def compute_dtype(y_pred: jax.Array) -> np.dtype:
   return np.dtype(jnp.float32)
 
 
+def _is_real_number_dtype(dtype: Any) -> bool:
+  """Integer or floating (bfloat16 included); not bool, str or object."""
+  return bool(jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+
+
 def check_label_smoothing(label_smoothing: Any) -> None:
-  """`label_smoothing` is a number in [0, 1] (tracers are let through)."""
+  """`label_smoothing` is a real scalar in [0, 1].
+
+  A traced value (annealed inside a jitted step) is checked for its shape
+  and dtype here, and for its value only under :func:`checked`.
+  """
+  if isinstance(label_smoothing, (str, bytes, bool, np.bool_)):
+    raise TypeError(
+        f"`label_smoothing` must be a float in [0, 1]; got a "
+        f"{type(label_smoothing).__name__}: {label_smoothing!r}."
+    )
+  if isinstance(label_smoothing, jax.core.Tracer):
+    dtype, shape = label_smoothing.dtype, label_smoothing.shape
+  else:
+    try:
+      arr = np.asarray(label_smoothing)
+    except (TypeError, ValueError):
+      arr = np.asarray(None)
+    dtype, shape = arr.dtype, arr.shape
+  if not _is_real_number_dtype(dtype) or shape != ():
+    raise TypeError(
+        f"`label_smoothing` must be a scalar float in [0, 1]; got "
+        f"{type(label_smoothing).__name__} of dtype {dtype} and shape {shape}: "
+        f"{label_smoothing!r}."
+    )
   if isinstance(label_smoothing, jax.core.Tracer):
     return
-  try:
-    value = float(label_smoothing)
-  except (TypeError, ValueError):
-    raise TypeError(
-        f"`label_smoothing` must be a float in [0, 1]; got {label_smoothing!r}."
-    ) from None
+  value = float(arr)
   if not 0.0 <= value <= 1.0:  # also rejects nan
     raise ValueError(f"`label_smoothing` must be in [0, 1]; got {label_smoothing!r}.")
 
@@ -281,6 +327,14 @@ def _match_rank(x1: jax.Array, x2: jax.Array) -> tuple[jax.Array, jax.Array]:
   return x1, x2
 
 
+def _raise_empty_axis(axis: Any) -> None:
+  raise TypeError(
+      f"`axis` must be an int or a non-empty tuple of ints; got {axis!r}. Name at "
+      f"least one axis to average over, or use binary_crossentropy_elementwise for the "
+      f"losses of every element."
+  )
+
+
 def normalize_axis(axis: Any, ndim: int) -> tuple[int, ...]:
   """`axis` (int or tuple of ints) as sorted non-negative ints; ValueError if bad."""
   axes = (axis,) if isinstance(axis, numbers.Integral) else axis
@@ -288,6 +342,14 @@ def normalize_axis(axis: Any, ndim: int) -> tuple[int, ...]:
       isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axes
   ):
     raise TypeError(f"`axis` must be an int or a tuple of ints; got {axis!r}.")
+  if not axes:
+    _raise_empty_axis(axis)
+  if ndim == 0:
+    raise ValueError(
+        f"`axis` {axis!r} cannot be used with scalar (rank-0) inputs, which have no "
+        f"axis to average over; pass arrays of rank >= 1, or use "
+        f"binary_crossentropy_elementwise."
+    )
   out = []
   for a in axes:
     if not -ndim <= a < ndim:
@@ -391,11 +453,15 @@ def check_static_pos_weight(pos_weight: Any) -> float | tuple[float, ...] | None
   if pos_weight is None:
     return None
   try:
-    arr = np.asarray(pos_weight, dtype=np.float64)
+    arr = np.asarray(pos_weight)
   except (TypeError, ValueError):
+    arr = np.asarray(None)
+  # Strings ("2", ["1", "2"]) and bools are refused, not parsed.
+  if not _is_real_number_dtype(arr.dtype):
     raise TypeError(
         f"`pos_weight` must be None, a float or a sequence of floats; got {pos_weight!r}."
-    ) from None
+    )
+  arr = arr.astype(np.float64)
   if arr.ndim > 1:
     raise ValueError(
         f"`pos_weight` must be a scalar or a 1-D sequence over the last axis; got shape "
@@ -422,6 +488,8 @@ def check_static_axis(axis: Any) -> int | tuple[int, ...]:
       isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axis
   ):
     return tuple(int(a) for a in axis)
+  if isinstance(axis, (list, tuple)) and not axis:
+    _raise_empty_axis(axis)
   raise TypeError(f"`axis` must be an int or a non-empty tuple of ints; got {axis!r}.")
 
 

@@ -239,15 +239,21 @@ def _prepare(y_true, y_pred, label_smoothing, pos_weight, from_logits):
 
 
 @functools.partial(jax.jit, static_argnames=("from_logits", "axes"))
-def _kernel(y_true, y_pred, label_smoothing, pos_weight, *, from_logits, axes):
-  """Element losses (``axes is None``) or their mean over `axes`."""
-  _checks.check_in_unit_interval("y_true", y_true, "labels")
+def _kernel(y_true, y_pred, label_smoothing, pos_weight, check_where=None, *, from_logits, axes):
+  """Element losses (``axes is None``) or their mean over `axes`.
+
+  `check_where` (bool, broadcastable to the inputs) limits the value checks
+  of :func:`bce_jax.checked` to the unmasked elements, so that padding such
+  as a label of -1 under a mask is not reported. It changes nothing else.
+  """
+  _checks.check_in_unit_interval("y_true", y_true, "labels", check_where)
   if from_logits:
-    _checks.check_finite("y_pred", y_pred, "logits")
+    _checks.check_finite("y_pred", y_pred, "logits", check_where)
   else:
-    _checks.check_in_unit_interval("y_pred", y_pred, "probabilities")
+    _checks.check_in_unit_interval("y_pred", y_pred, "probabilities", check_where)
   if pos_weight is not None:
     _checks.check_non_negative("pos_weight", pos_weight)
+  _checks.check_in_unit_interval("label_smoothing", jnp.asarray(label_smoothing), "a value")
   labels = y_true.astype(y_pred.dtype)
   smoothing = jnp.asarray(label_smoothing, y_pred.dtype)
   labels = labels * (1 - smoothing) + 0.5 * smoothing
@@ -363,3 +369,38 @@ def binary_crossentropy(
   return _kernel(
       y_true, y_pred, label_smoothing, pos_weight, from_logits=from_logits, axes=axes
   )
+
+
+def masked_mean_losses(
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    mask: jax.Array | None,
+    *,
+    from_logits: bool,
+    label_smoothing: float,
+    axis: int | tuple[int, ...],
+    pos_weight: ArrayLike | None,
+) -> tuple[jax.Array, jax.Array | None]:
+  """:func:`binary_crossentropy` for the loss and metric objects, with a `mask`.
+
+  Returns the per-sample losses and `mask` brought to their shape (None if
+  no mask). Under :func:`bce_jax.checked`, the elements of masked samples
+  are left out of the value checks: masked padding may hold anything.
+  """
+  y_true, y_pred, pos_weight, from_logits = _prepare(
+      y_true, y_pred, label_smoothing, pos_weight, from_logits
+  )
+  axes = _checks.normalize_axis(axis, y_pred.ndim)
+  check_where = None
+  if mask is not None:
+    mask = _checks.as_array("mask", mask)
+    _checks.check_mask_dtype(mask)
+    per_sample_shape = tuple(d for i, d in enumerate(y_pred.shape) if i not in axes)
+    mask = _checks.weight_to_shape("mask", mask, per_sample_shape)
+    if _checks.value_checks_on():
+      check_where = jnp.expand_dims(mask, axes)
+  losses = _kernel(
+      y_true, y_pred, label_smoothing, pos_weight, check_where,
+      from_logits=from_logits, axes=axes,
+  )
+  return losses, mask

@@ -12,15 +12,18 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from bce_jax import _checks
-from bce_jax._functional import binary_crossentropy
+from bce_jax._functional import masked_mean_losses
 
 
 def weighted_losses(
     per_sample: jax.Array,
     sample_weight: ArrayLike | None,
-    mask: ArrayLike | None,
+    mask: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | int]:
   """Applies `sample_weight` and `mask` to the per-sample losses.
+
+  `mask` comes from :func:`masked_mean_losses`: checked and in the shape
+  of the losses.
 
   Returns:
     values: the weighted losses; masked entries are exactly 0, even where
@@ -39,9 +42,6 @@ def weighted_losses(
     _checks.check_non_negative("sample_weight", weights)
   values = per_sample if weights is None else per_sample * weights
   if mask is not None:
-    mask = _checks.as_array("mask", mask)
-    _checks.check_mask_dtype(mask)
-    mask = _checks.weight_to_shape("mask", mask, shape)
     values = jnp.where(mask, values, 0)
     weights = mask.astype(per_sample.dtype) if weights is None else jnp.where(mask, weights, 0)
     valid = jnp.sum(mask, dtype=jnp.int32).astype(per_sample.dtype)
@@ -217,9 +217,10 @@ class BinaryCrossentropy:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _call_loss(loss, y_true, y_pred, sample_weight, mask):
-  per_sample = binary_crossentropy(
+  per_sample, mask = masked_mean_losses(
       y_true,
       y_pred,
+      mask,
       from_logits=loss.from_logits,
       label_smoothing=loss.label_smoothing,
       axis=loss.axis,

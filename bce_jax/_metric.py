@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from bce_jax import _checks
-from bce_jax._functional import binary_crossentropy
+from bce_jax._functional import masked_mean_losses
 from bce_jax._loss import config_from_mapping, config_to_json, weighted_losses
 
 _STATE_DTYPE = jnp.float32
@@ -175,9 +175,10 @@ class BinaryCrossentropyMetric:
       The new state.
     """
     state = _check_state(state)
-    per_sample = binary_crossentropy(
+    per_sample, mask = masked_mean_losses(
         y_true,
         y_pred,
+        mask,
         from_logits=self.from_logits,
         label_smoothing=self.label_smoothing,
         axis=self.axis,
