@@ -115,6 +115,29 @@ def _torch_tensor(a: np.ndarray, dtype: str):
   return t.to(torch.bfloat16) if dtype == "bfloat16" else t.contiguous()
 
 
+def _forward_peers(
+    preds: jax.Array, y: jax.Array, dtype: str, *, from_logits: bool
+) -> dict[str, Callable[[], object] | None]:
+  """Keras's and torch's forward mean loss, from logits or probabilities."""
+  keras, torch = _peer("keras"), _peer("torch")
+  impls: dict[str, Callable[[], object] | None] = {"keras": None, "torch": None}
+  if keras is not None:
+    loss = keras.losses.BinaryCrossentropy(from_logits=from_logits)
+    impls["keras"] = _jax_block(jax.jit(lambda preds, y: loss(y, preds)), preds, y)
+  if torch is not None:
+    pt, yt = _torch_tensor(preds, dtype), _torch_tensor(y, dtype)
+    functional = torch.nn.functional
+    fn = (functional.binary_cross_entropy_with_logits if from_logits
+          else functional.binary_cross_entropy)
+
+    def run_torch():
+      with torch.no_grad():
+        return fn(pt, yt).item()
+
+    impls["torch"] = run_torch
+  return impls
+
+
 def build(group: str, data: dict, dtype: str) -> dict[str, Callable[[], object] | None]:
   """The implementations of `group`, name -> callable (None if missing)."""
   x, y, p = data["x"], data["y"], data["p"]
@@ -136,43 +159,13 @@ def build(group: str, data: dict, dtype: str) -> dict[str, Callable[[], object] 
       impls["optax"] = _jax_block(f, x, y)
     else:
       impls["optax"] = None
-    if keras is not None:
-      loss = keras.losses.BinaryCrossentropy(from_logits=True)
-      impls["keras"] = _jax_block(jax.jit(lambda x, y: loss(y, x)), x, y)
-    else:
-      impls["keras"] = None
-    if torch is not None:
-      xt, yt = _torch_tensor(x, dtype), _torch_tensor(y, dtype)
-      fn = torch.nn.functional.binary_cross_entropy_with_logits
-
-      def run_torch():
-        with torch.no_grad():
-          return fn(xt, yt).item()
-
-      impls["torch"] = run_torch
-    else:
-      impls["torch"] = None
+    impls.update(_forward_peers(x, y, dtype, from_logits=True))
 
   elif group == "probs":
     impls[FLOOR] = _jax_block(read_floor, p, y)
     ours = jax.jit(lambda p, y: bce_jax.binary_crossentropy(y, p).mean())
     impls[OURS] = _jax_block(ours, p, y)
-    if keras is not None:
-      loss = keras.losses.BinaryCrossentropy()
-      impls["keras"] = _jax_block(jax.jit(lambda p, y: loss(y, p)), p, y)
-    else:
-      impls["keras"] = None
-    if torch is not None:
-      pt, yt = _torch_tensor(p, dtype), _torch_tensor(y, dtype)
-      fn = torch.nn.functional.binary_cross_entropy
-
-      def run_torch_p():
-        with torch.no_grad():
-          return fn(pt, yt).item()
-
-      impls["torch"] = run_torch_p
-    else:
-      impls["torch"] = None
+    impls.update(_forward_peers(p, y, dtype, from_logits=False))
 
   elif group == "grad":
     impls[FLOOR] = _jax_block(jax.jit(lambda a, b: a * b), x, y)
