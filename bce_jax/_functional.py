@@ -7,7 +7,9 @@ Two formulations, one per kind of prediction:
 
 * logits: ``(1 - y) * softplus(x) + w * y * softplus(-x)``, where both
   softplus values share one ``exp`` and one ``log1p``:
-  ``softplus(±x) = max(±x, 0) + log1p(exp(-|x|))``. Both terms are
+  ``softplus(±x) = max(±x, 0) + log1p(exp(-|x|))`` (without a weight, the
+  loss is computed as ``max((1 - y) x, -y x) + log1p(exp(-|x|))``, the same
+  sum in fewer operations). All terms are
   non-negative, so there is no cancellation: the result is accurate to a few
   float32 ulps for every finite logit and every label in [0, 1]. The loss
   carries a custom JVP: its derivative in the logits,
@@ -130,6 +132,17 @@ def _logit_grad(
 
 def _logit_losses_impl(logits, labels, pos_weight):
   tail = jnp.log1p(jnp.exp(-jnp.abs(logits)))
+  if pos_weight is None:
+    # The tail's weights 1 - y and y sum to 1, and one of max(x, 0) and
+    # max(-x, 0) is 0, so the loss is max((1 - y) x, -y x) + tail: the
+    # larger product is the non-zero one. Every term is still non-negative,
+    # so nothing cancels (max(x, 0) - x y + tail is shorter, but accurate
+    # only where the compiler happens to contract x - x y into an FMA).
+    # Beside the exp and log1p this is 6 elementwise operations instead of
+    # 9, which is ~20% of the forward loss on CPU. There is no select on
+    # purpose: XLA's CPU fusion of the reduction does not take one, and
+    # splits off a pass that writes a full-size temporary.
+    return jnp.maximum((1 - labels) * logits, -(labels * logits)) + tail
   positive = labels * (jnp.maximum(-logits, 0) + tail)  # y * -log(p)
   if pos_weight is not None:
     positive = pos_weight * positive
