@@ -51,7 +51,7 @@ try:  # pragma: no cover - exercised implicitly on every import
       include_in_trace_context=True,
   )
 
-  def _value_checks_on() -> bool:
+  def value_checks_on() -> bool:
     return bool(_VALUE_CHECKS.value)
 
   def _value_checks_scope():
@@ -63,7 +63,7 @@ except Exception:  # pragma: no cover - depends on the installed JAX
 
   _VALUE_CHECKS_VAR = contextvars.ContextVar("bce_jax_value_checks", default=False)
 
-  def _value_checks_on() -> bool:
+  def value_checks_on() -> bool:
     return _VALUE_CHECKS_VAR.get()
 
   @contextlib.contextmanager
@@ -154,14 +154,9 @@ def _first_line(message: str) -> str:
   return first.replace(" (`check` failed)", "")
 
 
-def value_checks_on() -> bool:
-  """Whether the current trace is under :func:`checked`."""
-  return _value_checks_on()
-
-
 def value_check(ok: jax.Array, message: str, **fmt: jax.Array) -> None:
   """Records a data-dependent check; a no-op unless under `checked`."""
-  if _value_checks_on():
+  if value_checks_on():
     checkify.check(jnp.all(ok), message, **fmt)
 
 
@@ -180,7 +175,7 @@ def check_in_unit_interval(
 
   Elements where `where` is False (masked padding) are not checked.
   """
-  if not _value_checks_on():
+  if not value_checks_on():
     return
   has_nan = jnp.isnan(_where(x, where, 0.0)).any()
   value_check(~has_nan, f"{name} contains nan; expected {what} in [0, 1].")
@@ -202,14 +197,14 @@ def check_finite(
     name: str, x: jax.Array, what: str, where: jax.Array | None = None
 ) -> None:
   """Value check: `x` has no nan (infinities are allowed, e.g. for logits)."""
-  if not _value_checks_on():
+  if not value_checks_on():
     return
   value_check(~jnp.isnan(_where(x, where, 0.0)).any(), f"{name} contains nan; expected {what}.")
 
 
 def check_non_negative(name: str, x: jax.Array) -> None:
   """Value check: `x` is >= 0 and has no nan."""
-  if not _value_checks_on():
+  if not value_checks_on():
     return
   x = x.astype(jnp.float32)
   value_check(~jnp.isnan(x).any(), f"{name} contains nan; expected weights >= 0.")

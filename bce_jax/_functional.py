@@ -131,8 +131,8 @@ def _logit_grad(
 
 
 def _logit_losses_impl(logits, labels, pos_weight):
-  tail = jnp.log1p(jnp.exp(-jnp.abs(logits)))
   if pos_weight is None:
+    tail = jnp.log1p(jnp.exp(-jnp.abs(logits)))
     # The tail's weights 1 - y and y sum to 1, and one of max(x, 0) and
     # max(-x, 0) is 0, so the loss is max((1 - y) x, -y x) + tail: the
     # larger product is the non-zero one. Every term is still non-negative,
@@ -143,10 +143,8 @@ def _logit_losses_impl(logits, labels, pos_weight):
     # purpose: XLA's CPU fusion of the reduction does not take one, and
     # splits off a pass that writes a full-size temporary.
     return jnp.maximum((1 - labels) * logits, -(labels * logits)) + tail
-  positive = labels * (jnp.maximum(-logits, 0) + tail)  # y * -log(p)
-  if pos_weight is not None:
-    positive = pos_weight * positive
-  return (1 - labels) * (jnp.maximum(logits, 0) + tail) + positive  # + (1-y) * -log(1-p)
+  sp_pos, sp_neg = _softplus_pair(logits)  # -log(1 - p), -log(p)
+  return (1 - labels) * sp_pos + pos_weight * (labels * sp_neg)
 
 
 @jax.custom_jvp
@@ -375,13 +373,11 @@ def binary_crossentropy(
     >>> print(np.round(np.asarray(bce_jax.binary_crossentropy(y_true, y_pred)), 3))
     [0.916 0.714]
   """
-  y_true, y_pred, pos_weight, from_logits = _prepare(
-      y_true, y_pred, label_smoothing, pos_weight, from_logits
+  losses, _ = masked_mean_losses(
+      y_true, y_pred, None, from_logits=from_logits, label_smoothing=label_smoothing,
+      axis=axis, pos_weight=pos_weight,
   )
-  axes = _checks.normalize_axis(axis, y_pred.ndim)
-  return _kernel(
-      y_true, y_pred, label_smoothing, pos_weight, from_logits=from_logits, axes=axes
-  )
+  return losses
 
 
 def masked_mean_losses(
@@ -394,7 +390,7 @@ def masked_mean_losses(
     axis: int | tuple[int, ...],
     pos_weight: ArrayLike | None,
 ) -> tuple[jax.Array, jax.Array | None]:
-  """:func:`binary_crossentropy` for the loss and metric objects, with a `mask`.
+  """:func:`binary_crossentropy` with a `mask` (for the loss and metric objects).
 
   Returns the per-sample losses and `mask` brought to their shape (None if
   no mask). Under :func:`bce_jax.checked`, the elements of masked samples
