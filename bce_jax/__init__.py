@@ -11,20 +11,20 @@ Public API:
 * :func:`checked`: opt-in data-dependent value checks.
 """
 
-from bce_jax._checks import ValueCheckError, checked
-from bce_jax._functional import binary_crossentropy, binary_crossentropy_elementwise
+from bce_jax._bce import binary_crossentropy, binary_crossentropy_elementwise
+from bce_jax._checked import ValueCheckError, checked
 from bce_jax._loss import BinaryCrossentropy
 from bce_jax._metric import BinaryCrossentropyMetric, MetricState
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BinaryCrossentropy",
-    "BinaryCrossentropyMetric",
-    "MetricState",
-    "ValueCheckError",
-    "__version__",
-    "binary_crossentropy",
-    "binary_crossentropy_elementwise",
-    "checked",
+  "BinaryCrossentropy",
+  "BinaryCrossentropyMetric",
+  "MetricState",
+  "ValueCheckError",
+  "__version__",
+  "binary_crossentropy",
+  "binary_crossentropy_elementwise",
+  "checked",
 ]

@@ -8,6 +8,7 @@ Synopsis::
     state = metric.update(state, y, logits)
   value = metric.result(state)
   state = metric.merge(state_a, state_b)        # == psum of states
+  state = metric.reduce(stacked_states)         # states stacked on axis 0
 
 The state holds the weighted sum of per-sample losses and the total weight
 (the "count"), each as an unevaluated float32 sum ``hi + lo``: every addition
@@ -20,16 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from bce_jax import _checks
-from bce_jax._functional import masked_mean_losses
-from bce_jax._loss import config_from_mapping, config_to_json, weighted_losses
+from bce_jax import _bce, _reduce
+from bce_jax._config import Config
 
 _STATE_DTYPE = jnp.float32
 
@@ -76,27 +75,125 @@ def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return hi, lo
 
 
-def _check_state(state: Any, argname: str = "state") -> MetricState:
+def _check_state(state: Any, argname: str = "state", stacked: bool = False) -> MetricState:
+  """`state` if it is a MetricState of float32 scalars (of `[K]` arrays if `stacked`)."""
   if not isinstance(state, MetricState):
     raise TypeError(
-        f"`{argname}` must be a bce_jax.MetricState (from metric.init()); got "
-        f"{type(state).__name__}."
+      f"`{argname}` must be a bce_jax.MetricState (from metric.init()); got {type(state).__name__}."
     )
+  shapes = set()
   for field in dataclasses.fields(MetricState):
     value = getattr(state, field.name)
     shape = getattr(value, "shape", None)
     dtype = getattr(value, "dtype", None)
-    if shape != () or dtype != _STATE_DTYPE:
-      raise ValueError(
-          f"`{argname}.{field.name}` must be a float32 scalar; got shape {shape} and "
-          f"dtype {dtype}. Under vmap, map over states built by init()/update()."
+    shapes.add(shape)
+    ok = dtype == _STATE_DTYPE and (len(shape) == 1 if stacked else shape == ())
+    if shape is None or not ok:
+      want = (
+        "a float32 array of shape [K] (states stacked on axis 0)"
+        if stacked
+        else ("a float32 scalar")
       )
+      hint = (
+        ""
+        if stacked
+        else (
+          " Under vmap, map over states built by init()/update(); fold a stacked state "
+          "with reduce()."
+        )
+      )
+      raise ValueError(
+        f"`{argname}.{field.name}` must be {want}; got shape {shape} and dtype {dtype}.{hint}"
+      )
+  if len(shapes) != 1:
+    raise ValueError(f"The fields of `{argname}` have different shapes: {sorted(shapes)}.")
   return state
+
+
+class Metric(Config):
+  """Base of the metric objects: a streaming weighted mean of a formula's losses."""
+
+  axis: int | tuple[int, ...]
+  label_smoothing: float
+
+  def formula(self) -> _reduce.Formula:
+    raise NotImplementedError
+
+  def init(self) -> MetricState:
+    """An empty state; its result is 0.0. No two leaves share a buffer (donatable)."""
+    return _init()
+
+  def update(
+    self,
+    state: MetricState,
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    sample_weight: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
+  ) -> MetricState:
+    """Returns `state` with one batch added.
+
+    Args:
+      state: the state so far.
+      y_true: labels, shape `[batch, d0, .., dN]`.
+      y_pred: probabilities or logits, same shape.
+      sample_weight: a scalar, `[batch]`, or a shape broadcastable to the
+        per-sample losses, as for the loss. A scalar weights every sample.
+      mask: optional bool array; masked entries add neither loss nor weight,
+        and contribute nothing to any derivative.
+
+    Returns:
+      The new state. An empty batch adds nothing.
+    """
+    state = _check_state(state)
+    layout, arrays = _reduce.prepare_call(
+      y_true,
+      y_pred,
+      self.label_smoothing,
+      self.static_pos_weight(),
+      self.axis,
+      sample_weight,
+      mask,
+    )
+    return _update(self.formula(), layout, state, *arrays)
+
+  def merge(self, state: MetricState, *others: MetricState) -> MetricState:
+    """Combines states, as if one state had seen all their batches.
+
+    Associative and commutative. Summing the states across devices with
+    ``jax.lax.psum`` adds the same numbers in another order: equal up to
+    float32 rounding of the leading parts (equal in every test we run).
+    """
+    merged = _check_state(state)
+    if not others:
+      raise TypeError("merge() needs at least one state besides `state`.")
+    others = tuple(_check_state(o, f"others[{i}]") for i, o in enumerate(others))
+    return _merge(merged, others)
+
+  def reduce(self, states: MetricState) -> MetricState:
+    """Folds states stacked on a leading axis into one, as a loop of merges would.
+
+    Args:
+      states: a MetricState whose fields are `[K]` arrays, K >= 1: the output
+        of ``vmap``, of a ``scan`` that keeps per-step states, or of an
+        all-gather across devices.
+
+    Returns:
+      One state, equal to ``merge(states[0], ..., states[K-1])``.
+    """
+    states = _check_state(states, "states", stacked=True)
+    if states.total.shape[0] == 0:
+      raise ValueError("reduce() needs at least one stacked state; got K = 0.")
+    return _reduce_stacked(states)
+
+  def result(self, state: MetricState) -> jax.Array:
+    """The weighted mean loss so far: a float32 scalar, 0.0 for an empty state."""
+    return _result(_check_state(state))
 
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class BinaryCrossentropyMetric:
+class BinaryCrossentropyMetric(Metric):
   """The mean binary cross-entropy over a stream, as ``keras.metrics.BinaryCrossentropy``.
 
   A frozen, hashable configuration with no array leaves; the data lives in a
@@ -115,8 +212,11 @@ class BinaryCrossentropyMetric:
   as Keras does, so each sample counts once. A scalar `sample_weight` weights
   every sample: a batch of B samples adds ``w * B`` to the count.
 
+  Rank-1 inputs `[B]` are one sample with B features (Keras's rule): each
+  batch then adds one sample. For one sample per element pass `[B, 1]`.
+
   Examples:
-    >>> import jax.numpy as jnp, bce_jax
+    >>> import jax, jax.numpy as jnp, bce_jax
     >>> m = bce_jax.BinaryCrossentropyMetric()
     >>> y_true = jnp.array([[0, 1], [0, 0]])
     >>> y_pred = jnp.array([[0.6, 0.4], [0.4, 0.6]])
@@ -130,6 +230,16 @@ class BinaryCrossentropyMetric:
     ...                m.update(m.init(), y_true[1:], y_pred[1:]))
     >>> print(f"{m.result(both):.6f}")
     0.814924
+    >>> stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]),
+    ...     m.update(m.init(), y_true[:1], y_pred[:1]),
+    ...     m.update(m.init(), y_true[1:], y_pred[1:]))
+    >>> print(f"{m.result(m.reduce(stacked)):.6f}")
+    0.814924
+
+  References:
+    Keras 3, ``keras.metrics.BinaryCrossentropy``; A. Neumaier, "Rundungsfehleranalyse
+    einiger Verfahren zur Summation endlicher Summen", ZAMM 54 (1974), for the
+    compensated sums.
   """
 
   from_logits: bool = False
@@ -139,96 +249,51 @@ class BinaryCrossentropyMetric:
   axis: int | tuple[int, ...] = -1
   pos_weight: float | tuple[float, ...] | None = None
 
-  def __post_init__(self):
-    set_ = functools.partial(object.__setattr__, self)
-    set_("from_logits", _checks.check_bool("from_logits", self.from_logits))
-    set_("label_smoothing", _checks.static_label_smoothing(self.label_smoothing))
-    set_("axis", _checks.check_static_axis(self.axis))
-    if not isinstance(self.name, str):
-      raise TypeError(f"`name` must be a str; got {self.name!r}.")
-    set_("pos_weight", _checks.check_static_pos_weight(self.pos_weight))
+  def formula(self) -> _reduce.Formula:
+    return _bce.formula(self.from_logits)
 
-  def init(self) -> MetricState:
-    """An empty state; its result is 0.0."""
-    zero = jnp.zeros((), _STATE_DTYPE)
-    return MetricState(zero, zero, zero, zero)
 
-  def update(
-      self,
-      state: MetricState,
-      y_true: ArrayLike,
-      y_pred: ArrayLike,
-      sample_weight: ArrayLike | None = None,
-      mask: ArrayLike | None = None,
-  ) -> MetricState:
-    """Returns `state` with one batch added.
+def _init() -> MetricState:
+  return MetricState(*(jnp.zeros((), _STATE_DTYPE) for _ in range(4)))
 
-    Args:
-      state: the state so far.
-      y_true: labels, shape `[batch, d0, .., dN]`.
-      y_pred: probabilities or logits, same shape.
-      sample_weight: a scalar, `[batch]`, or a shape broadcastable to the
-        per-sample losses, as for the loss.
-      mask: optional bool array; masked entries add neither loss nor weight.
 
-    Returns:
-      The new state.
-    """
-    state = _check_state(state)
-    per_sample, mask = masked_mean_losses(
-        y_true,
-        y_pred,
-        mask,
-        from_logits=self.from_logits,
-        label_smoothing=self.label_smoothing,
-        axis=self.axis,
-        pos_weight=self.pos_weight,
-    )
-    values, weights, _ = weighted_losses(per_sample, sample_weight, mask)
-    # Keras averages over the axes after the batch axis, so each sample
-    # counts once; the factor cancels in the result but sets the count.
-    if per_sample.ndim == 0:
-      per_row, batch = 1, 1
-    else:
-      per_row, batch = max(_checks.prod(per_sample.shape[1:]), 1), per_sample.shape[0]
-    batch_total = jnp.sum(values) / per_row
-    if weights is None:
-      batch_count = jnp.asarray(batch, per_sample.dtype)
-    else:
-      batch_count = jnp.sum(weights) / per_row
-    total, total_err = _add(state.total, state.total_err, *_split(batch_total))
-    count, count_err = _add(state.count, state.count_err, *_split(batch_count))
-    return MetricState(total, total_err, count, count_err)
+def _accumulate(state: MetricState, total: jax.Array, count: jax.Array) -> MetricState:
+  total, total_err = _add(state.total, state.total_err, *_split(total))
+  count, count_err = _add(state.count, state.count_err, *_split(count))
+  return MetricState(total, total_err, count, count_err)
 
-  def merge(self, state: MetricState, *others: MetricState) -> MetricState:
-    """Combines states, as if one state had seen all their batches.
 
-    Associative and commutative. ``jax.lax.psum`` of the states across
-    devices gives the same result up to float32 rounding of the leading parts.
-    """
-    merged = _check_state(state)
-    if not others:
-      raise TypeError("merge() needs at least one state besides `state`.")
-    for i, other in enumerate(others):
-      other = _check_state(other, f"others[{i}]")
-      total, total_err = _add(merged.total, merged.total_err, other.total, other.total_err)
-      count, count_err = _add(merged.count, merged.count_err, other.count, other.count_err)
-      merged = MetricState(total, total_err, count, count_err)
-    return merged
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _update(formula, layout, state, y_true, y_pred, smoothing, pos_weight, sample_weight, mask):
+  total, count = _reduce.batch_sums(
+    formula, layout, y_true, y_pred, smoothing, pos_weight, sample_weight, mask
+  )
+  return _accumulate(state, total, count)
 
-  def result(self, state: MetricState) -> jax.Array:
-    """The weighted mean loss so far: a float32 scalar, 0.0 for an empty state."""
-    state = _check_state(state)
-    total = state.total + state.total_err
-    count = state.count + state.count_err
-    empty = count == 0
-    return jnp.where(empty, 0.0, total / jnp.where(empty, 1.0, count))
 
-  def get_config(self) -> dict[str, Any]:
-    """The configuration as a JSON-serialisable dict."""
-    return config_to_json(self)
+def _merge_two(a: MetricState, b: MetricState) -> MetricState:
+  total, total_err = _add(a.total, a.total_err, b.total, b.total_err)
+  count, count_err = _add(a.count, a.count_err, b.count, b.count_err)
+  return MetricState(total, total_err, count, count_err)
 
-  @classmethod
-  def from_config(cls, config: Mapping[str, Any]) -> BinaryCrossentropyMetric:
-    """Builds a metric from `get_config()` output or a Keras metric config."""
-    return cls(**config_from_mapping(cls, config))
+
+@jax.jit
+def _merge(state: MetricState, others: tuple[MetricState, ...]) -> MetricState:
+  for other in others:
+    state = _merge_two(state, other)
+  return state
+
+
+@jax.jit
+def _reduce_stacked(states: MetricState) -> MetricState:
+  first = jax.tree_util.tree_map(lambda a: a[0], states)
+  rest = jax.tree_util.tree_map(lambda a: a[1:], states)
+  return jax.lax.scan(lambda acc, s: (_merge_two(acc, s), None), first, rest)[0]
+
+
+@jax.jit
+def _result(state: MetricState) -> jax.Array:
+  total = state.total + state.total_err
+  count = state.count + state.count_err
+  empty = count == 0
+  return jnp.where(empty, 0.0, total / jnp.where(empty, 1.0, count))

@@ -1,0 +1,109 @@
+"""Configuration shared by every loss and metric object: checks, Keras configs.
+
+The objects are frozen dataclasses registered as static pytrees: hashable,
+no array leaves, so equal configurations never retrace. :class:`Config`
+checks each field once, when the object is made, by the field's name, and
+turns the object into a JSON-serialisable config and back (Keras configs,
+with their ``dtype`` key, are accepted too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from bce_jax import _validate
+
+
+def _name(value: Any) -> str:
+  if not isinstance(value, str):
+    raise TypeError(f"`name` must be a str; got {value!r}.")
+  return value
+
+
+def _real(field: str, lo: float, hi: float | None = None) -> Callable[[Any], float]:
+  def check(value: Any) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+      raise TypeError(f"`{field}` must be a float; got {value!r}.")
+    value = float(value)
+    if not (value >= lo and (hi is None or value <= hi)) or not np.isfinite(value):
+      bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo} and finite"
+      raise ValueError(f"`{field}` must be {bound}; got {value!r}.")
+    return value
+
+  return check
+
+
+# Each field any loss or metric may have, and how it is checked and normalized.
+_FIELDS: dict[str, Callable[[Any], Any]] = {
+  "from_logits": lambda v: _validate.check_bool("from_logits", v),
+  "apply_class_balancing": lambda v: _validate.check_bool("apply_class_balancing", v),
+  "label_smoothing": _validate.static_label_smoothing,
+  "axis": _validate.check_static_axis,
+  "reduction": _validate.check_reduction,
+  "name": _name,
+  "pos_weight": _validate.check_static_pos_weight,
+  "alpha": _real("alpha", 0.0, 1.0),
+  "gamma": _real("gamma", 0.0),
+}
+
+
+def _keras_dtype_ok(dtype: Any) -> bool:
+  if isinstance(dtype, Mapping):  # a serialized Keras DTypePolicy
+    dtype = dtype.get("config", {}).get("name")
+  return dtype in (None, "float32", "mixed_float16", "mixed_bfloat16")
+
+
+def _json(value: Any) -> Any:
+  return [_json(v) for v in value] if isinstance(value, tuple) else value
+
+
+class Config:
+  """Base of the loss and metric dataclasses: field checks and configs."""
+
+  def __post_init__(self) -> None:
+    for field in dataclasses.fields(self):  # type: ignore[arg-type]
+      check = _FIELDS.get(field.name)
+      if check is not None:
+        object.__setattr__(self, field.name, check(getattr(self, field.name)))
+
+  def static_pos_weight(self) -> np.ndarray | None:
+    """The configured `pos_weight` as an array (None if unset)."""
+    pos_weight = getattr(self, "pos_weight", None)
+    return None if pos_weight is None else np.asarray(pos_weight, np.float32)
+
+  def get_config(self) -> dict[str, Any]:
+    """The configuration as a JSON-serialisable dict."""
+    return {f.name: _json(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any]) -> Any:
+    """Builds an object from `get_config()` output or a Keras config.
+
+    Accepts Keras configs (with their ``dtype`` key) and Keras' serialized
+    form ``{"class_name": ..., "config": {...}}``.
+    """
+    if not isinstance(config, Mapping):
+      raise TypeError(f"`config` must be a dict; got {type(config).__name__}.")
+    if "config" in config and "class_name" in config:
+      config = config["config"]
+    kwargs = dict(config)
+    if "dtype" in kwargs:
+      dtype = kwargs.pop("dtype")
+      if not _keras_dtype_ok(dtype):
+        raise ValueError(
+          f"config `dtype` {dtype!r} is not supported: bce_jax computes in float32 "
+          f"(float64 for float64 inputs). Remove the key or use 'float32'."
+        )
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+      raise ValueError(
+        f"Unknown config keys for {cls.__name__}: {unknown}; expected a subset of "
+        f"{sorted(fields | {'dtype'})}."
+      )
+    return cls(**kwargs)
