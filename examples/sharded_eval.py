@@ -9,7 +9,8 @@ It checks that
 
 1. the jitted loss on sharded inputs equals the single-device value;
 2. a metric state updated on each shard and summed with ``jax.lax.psum``
-   equals ``merge`` of the per-shard states and one update over all data.
+   equals ``merge`` of the per-shard states, ``reduce`` of the states
+   stacked on a leading axis, and one update over all data.
 
 Run::
 
@@ -97,21 +98,24 @@ def main() -> None:
     return jax.tree.map(lambda leaf: leaf[None], local_state(y, x, w))
 
   summed = metric.result(psum_state(y_s, logits_s, weights_s))
-  # Bring the eight states to the host and merge them there, as a job that
-  # collects per-worker states would.
-  stacked = jax.device_get(stacked_states(y_s, logits_s, weights_s))
-  per_device = [
-      jax.tree.map(lambda leaf, i=i: jnp.asarray(leaf[i]), stacked) for i in range(_DEVICES)
-  ]
+  # The eight states, stacked on a leading axis, folded into one by reduce,
+  # as a job that collects per-worker states would; and merged one by one.
+  stacked = stacked_states(y_s, logits_s, weights_s)
+  reduced = metric.result(metric.reduce(stacked))
+  host = jax.device_get(stacked)
+  per_device = [jax.tree.map(lambda leaf, i=i: leaf[i], host) for i in range(_DEVICES)]
   merged = metric.result(metric.merge(*per_device))
   one_pass = metric.result(metric.update(metric.init(), y, logits, sample_weight=weights))
   psum_vs_merge, merge_vs_one = relative(summed, merged), relative(merged, one_pass)
-  print(f"metric psum {float(summed):.8f}   merge {float(merged):.8f}   "
-        f"one pass {float(one_pass):.8f}")
-  print(f"relative diff: psum vs merge {psum_vs_merge:.2e}, merge vs one pass {merge_vs_one:.2e}")
+  reduce_vs_merge = relative(reduced, merged)
+  print(f"metric psum {float(summed):.8f}   reduce {float(reduced):.8f}   "
+        f"merge {float(merged):.8f}   one pass {float(one_pass):.8f}")
+  print(f"relative diff: psum vs merge {psum_vs_merge:.2e}, reduce vs merge "
+        f"{reduce_vs_merge:.2e}, merge vs one pass {merge_vs_one:.2e}")
 
   assert loss_diff < 1e-6, loss_diff
   assert psum_vs_merge < 1e-6 and merge_vs_one < 1e-6, (psum_vs_merge, merge_vs_one)
+  assert reduce_vs_merge == 0.0, reduce_vs_merge
   print(f"RESULT loss_rel_diff={loss_diff:.3e} psum_vs_merge={psum_vs_merge:.3e} "
         f"merge_vs_one_pass={merge_vs_one:.3e} metric={float(summed):.8f}")
 
