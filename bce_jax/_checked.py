@@ -89,7 +89,18 @@ def checked(fn: _F) -> _F:
   @functools.wraps(fn)
   def wrapper(*args, **kwargs):
     with _VALUE_CHECKS(True):
-      err, out = checkified(*args, **kwargs)
+      try:
+        err, out = checkified(*args, **kwargs)
+      except Exception as e:
+        if type(e).__name__ != "TraceContextError":  # flax's, for a stateful nnx.jit step
+          raise
+        raise TypeError(
+          "bce_jax.checked(f) traces f again as a pure function, so f cannot mutate "
+          "Flax NNX objects created outside it (an nnx.jit step does). Split the "
+          "model: graphdef, state = nnx.split((model, optimizer)); write a jax.jit "
+          "step that calls nnx.merge(graphdef, state) and returns nnx.state(...); "
+          "then wrap that step. The README's Flax section shows it."
+        ) from e
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(err)):
       raise TypeError(
         "bce_jax.checked(f) raises on the host, so it cannot itself be traced by "
