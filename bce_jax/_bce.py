@@ -53,9 +53,10 @@ def _logit_losses_jvp(primals, tangents):
   losses = _logit_losses(logits, labels, pos_weight)
   terms = []
   if not isinstance(d_logits, SymbolicZero):
-    sig_pos, sig_neg = _logsig.sigmoid_pair(logits)
+    one = _logsig.fresh(1, logits.dtype)
+    sig_pos, sig_neg = _logsig.sigmoid_pair(logits, one)
     positive = labels * sig_neg if pos_weight is None else pos_weight * (labels * sig_neg)
-    terms.append(((1 - labels) * sig_pos - positive) * d_logits)
+    terms.append(((one - labels) * sig_pos - positive) * d_logits)
   weighted = pos_weight is not None and not isinstance(d_weight, SymbolicZero)
   if not isinstance(d_labels, SymbolicZero) or weighted:
     _sp_pos, sp_neg = _logsig.softplus_pair(logits)
@@ -85,8 +86,9 @@ def _prob_losses_jvp(primals, tangents):
   weight = 1 if pos_weight is None else pos_weight
   terms = []
   if not isinstance(d_probs, SymbolicZero):
+    one = _logsig.fresh(1, probs.dtype)
     clipped = _logsig.clip_probs(probs)
-    terms.append(((1 - labels) / (1 - clipped) - weight * labels / clipped) * d_probs)
+    terms.append(((one - labels) / (one - clipped) - weight * labels / clipped) * d_probs)
   weighted = pos_weight is not None and not isinstance(d_weight, SymbolicZero)
   if not isinstance(d_labels, SymbolicZero) or weighted:
     log_p, log_1mp = _logsig.clipped_logs(probs)

@@ -60,7 +60,8 @@ def checked(fn: _F) -> _F:
   hold anything. `fn` may be anything that calls bce_jax: a loss object, a
   whole train step with ``jax.value_and_grad`` inside, a ``jax.jit``-compiled
   function (it is traced again, with the checks), on sharded arrays under
-  any mesh. The wrapper returns exactly what `fn` returns. The other order,
+  any mesh. Under ``jax.vmap`` the message gives the range of one failing
+  example. The wrapper returns exactly what `fn` returns. The other order,
   ``jax.jit(checked(step))``, cannot raise from inside the trace and is
   refused with a TypeError saying so.
 
@@ -148,7 +149,9 @@ def check_in_unit_interval(
   """Value check: every element of `x` is in [0, 1] and not nan.
 
   Elements where `where` is False (masked padding) are not checked. The
-  reported range covers every checked element, across a ``vmap`` too.
+  reported range covers every checked element of the call; under
+  ``jax.vmap``, checkify reports one failing example, and the range is that
+  example's.
   """
   if not value_checks_on():
     return

@@ -159,36 +159,55 @@ def _row_sums(formula, labels, preds, pos_weight, smoothing, safe):
 
 def _rows(formula, labels, preds, pos_weight, smoothing, weight, safe):
   rows = _row_sums(formula, labels, preds, pos_weight, smoothing, safe)
+  return _weighted(rows, weight)
+
+
+def _weighted(rows, weight):
   if weight is None:
     return rows
   return jnp.where(weight != 0, rows * weight.astype(rows.dtype), 0)
 
 
-def _fast_total(formula, labels, preds, pos_weight, smoothing, weight):
+def _fast_row_sums(formula, labels, preds, pos_weight, smoothing, safe):
+  """Row sums on the fast path, on inputs XLA cannot share with the gradient.
+
+  A value the reduction shares with the gradient's pass (an exp, a ``1 - y``,
+  a bfloat16 conversion) is written out in full; the barrier stops that.
+  """
+  rows, width = preds.shape
+  if width == 1 or rows == 1:
+    labels, preds = _flat(labels, preds)
+    losses = _losses(formula, labels, preds, _flat_weight(pos_weight), smoothing, safe)
+    return losses if width == 1 else jnp.sum(losses).reshape(1)
+  labels, preds = jax.lax.optimization_barrier((labels, preds))
+  return jnp.sum(_losses(formula, labels, preds, pos_weight, smoothing, safe), axis=-1)
+
+
+def _fast_total(formula, labels, preds, pos_weight, smoothing, weight, safe):
   width = preds.shape[1]
   if weight is None:
     labels, preds = _flat(labels, preds)
     pos_weight = _flat_weight(pos_weight)
-    return jnp.sum(_losses(formula, labels, preds, pos_weight, smoothing, False))
+    return jnp.sum(_losses(formula, labels, preds, pos_weight, smoothing, safe))
   if width == 1:
     # The weights are already flat; a barrier on them would write out a
     # mask's conversion to float.
     labels, preds = _flat(labels, preds)
     pos_weight = _flat_weight(pos_weight)
-    losses = _losses(formula, labels, preds, pos_weight, smoothing, False)
+    losses = _losses(formula, labels, preds, pos_weight, smoothing, safe)
     return jnp.sum(losses * weight.astype(losses.dtype))
   # The [M] weights are written once (1/L of the data) rather than
   # recomputed from a broadcast inside the reduction.
   weight = jax.lax.optimization_barrier(weight)
   if width >= _WIDE // 2:  # wide rows: their sums are cheap
-    rows = _row_sums(formula, labels, preds, pos_weight, smoothing, False)
+    rows = _fast_row_sums(formula, labels, preds, pos_weight, smoothing, safe)
     return jnp.sum(rows * weight.astype(rows.dtype))
   # Narrow rows are grouped k at a time into [M/k, k, L] blocks and reduced
   # over the first axis: the weights still scale whole rows, and the
   # innermost k * L elements (up to 128) are wide enough for XLA to
   # vectorize. k divides M (slicing off a remainder costs a copy).
   group = _largest_divisor(preds.shape[0], _WIDE // width)
-  return _weighted_blocks(formula, labels, preds, pos_weight, smoothing, weight, group)
+  return _weighted_blocks(formula, labels, preds, pos_weight, smoothing, weight, group, safe)
 
 
 _WIDE = 128
@@ -198,15 +217,15 @@ def _largest_divisor(n: int, limit: int) -> int:
   return max(d for d in range(1, limit + 1) if n % d == 0)
 
 
-def _weighted_blocks(formula, labels, preds, pos_weight, smoothing, weight, group):
+def _weighted_blocks(formula, labels, preds, pos_weight, smoothing, weight, group, safe):
   """``sum_m w_m sum_l E_ml`` over rows grouped `group` at a time."""
   rows, width = preds.shape
   blocks = (rows // group, group, width)
   if pos_weight is not None and pos_weight.ndim:
     pos_weight = jnp.broadcast_to(pos_weight, preds.shape).reshape(blocks)
-  losses = _losses(
-    formula, labels.reshape(blocks), preds.reshape(blocks), pos_weight, smoothing, False
-  )
+  # Behind a barrier, as in _fast_row_sums: nothing shared with the gradient.
+  labels, preds = jax.lax.optimization_barrier((labels.reshape(blocks), preds.reshape(blocks)))
+  losses = _losses(formula, labels, preds, pos_weight, smoothing, safe)
   weight = weight.astype(losses.dtype).reshape(blocks[:2] + (1,))
   return jnp.sum(jnp.sum(losses * weight, axis=0))
 
@@ -232,20 +251,27 @@ _FAST_MIN_SIZE = 1 << 14
 
 
 def _impl(formula, kind, layout, *raw):
-  def rows_args():
-    return (formula, *_rows_inputs(layout, *raw))
-
-  def safe():
-    rows = _rows(*rows_args(), safe=True)
+  if _validate.prod(layout.shape) < _FAST_MIN_SIZE:
+    rows = _rows(formula, *_rows_inputs(layout, *raw), safe=True)
     return rows if kind == "rows" else jnp.sum(rows)
 
-  if _validate.prod(layout.shape) < _FAST_MIN_SIZE:
-    return safe()
-  if kind == "rows":
-    fast = _rows(*rows_args(), safe=False)
-    return jax.lax.cond(jnp.any(jnp.isnan(fast)), safe, lambda: fast)
-  fast = _fast_total(*rows_args())
-  return jax.lax.cond(jnp.isnan(fast), safe, lambda: fast)
+  def compute(safe: bool):
+    labels, preds, pos_weight, smoothing, weight = _rows_inputs(layout, *raw)
+    if safe and weight is not None:  # padding that made the fast sum nan: zeros
+      keep = (weight != 0)[:, None]
+      labels = jnp.where(keep, labels, jnp.zeros((), labels.dtype))
+      preds = jnp.where(keep, preds, jnp.zeros((), preds.dtype))
+    args = (formula, labels, preds, pos_weight, smoothing)
+    if kind == "rows":
+      return _weighted(_fast_row_sums(*args, safe), weight)
+    return _fast_total(*args, weight, safe)
+
+  # The fallback sums in the same order as the fast path, so padding full of
+  # nan gives the same value, to the bit, as padding full of zeros.
+  fast = compute(safe=False)
+  # One nan makes the sum nan; the barrier keeps the check off the rows' fusion.
+  bad = jnp.isnan(fast if kind == "total" else jnp.sum(jax.lax.optimization_barrier(fast)))
+  return jax.lax.cond(bad, lambda: compute(safe=True), lambda: fast)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))

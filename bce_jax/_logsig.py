@@ -43,16 +43,30 @@ def clipped_logs(probs: jax.Array) -> tuple[jax.Array, jax.Array]:
   return log_p, log_1mp
 
 
+def fresh(value: float, dtype: Any) -> jax.Array:
+  """`value` as a scalar XLA cannot merge with the same constant elsewhere.
+
+  A derivative pass that broadcasts the literal 1 (or a clip bound) shares
+  that broadcast with the loss's reduction, and XLA on CPU then writes the
+  shared broadcast out as a full-size array. The derivative rules take their
+  constants from here.
+  """
+  return jax.lax.optimization_barrier(jnp.asarray(value, dtype))
+
+
 def clip_probs(probs: jax.Array) -> jax.Array:
   """``clip(probs, eps, 1 - eps)``, for derivatives (elementwise passes only)."""
   lo, hi = clip_bounds(probs.dtype)
-  return jnp.clip(probs, lo, hi)
+  return jnp.minimum(jnp.maximum(probs, fresh(lo, probs.dtype)), fresh(hi, probs.dtype))
 
 
-def sigmoid_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(sigmoid(x), sigmoid(-x))``, both accurate in their tails, from one exp."""
+def sigmoid_pair(x: jax.Array, one: Any = 1) -> tuple[jax.Array, jax.Array]:
+  """``(sigmoid(x), sigmoid(-x))``, both accurate in their tails, from one exp.
+
+  `one` is 1, or :func:`fresh` ``(1)`` in a derivative pass.
+  """
   e = jnp.exp(-jnp.abs(x))
-  big = 1 / (1 + e)  # sigmoid(|x|)
+  big = one / (one + e)  # sigmoid(|x|)
   small = e * big  # sigmoid(-|x|)
   pos = x >= 0
   return jnp.where(pos, big, small), jnp.where(pos, small, big)
