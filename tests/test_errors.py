@@ -1,10 +1,15 @@
-"""Bad input (SPEC section 4): every mistake raises a clear error naming the argument.
+"""Bad input: every mistake raises a clear error naming the argument.
+
+README, "Rules worth knowing", Errors: wrong shapes, options or dtypes raise
+`ValueError`/`TypeError` at trace time, naming the argument, what was received
+and what was expected.
 
 Shape, dtype and configuration errors are checked jitted (they must raise
 while tracing) and eager. Value errors are opt-in through `bce_jax.checked`.
 """
 
 import functools
+import json
 import re
 
 import chex
@@ -12,7 +17,6 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from absl.testing import parameterized
 from jax.experimental import checkify
 
@@ -55,7 +59,6 @@ def _shape(shape):
 
 
 class _ErrorTestCase(chex.TestCase):
-
   def assert_raises_traced(self, error, pattern, api, y_true, y_pred, **kwargs):
     """`api` raises `error` matching `pattern`, run through the test's variant.
 
@@ -75,26 +78,24 @@ class _ErrorTestCase(chex.TestCase):
 
 
 class ShapeErrorsTest(_ErrorTestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.product(
-      api=list(APIS),
-      shapes=[
-          ((B,), (B, 2)),  # an extra axis of size 2 is not squeezable
-          ((B, 2), (B,)),
-          ((B, 1, 1), (B,)),  # ranks differ by two
-          ((B,), (B, 1, 1)),
-          ((B, T), (T, B)),
-          ((B, D), (B + 1, D)),
-          ((1, D), (B, D)),  # never broadcast
-          ((B, T, D), (B, T, 1)),
-      ],
+    api=list(APIS),
+    shapes=[
+      ((B,), (B, 2)),  # an extra axis of size 2 is not squeezable
+      ((B, 2), (B,)),
+      ((B, 1, 1), (B,)),  # ranks differ by two
+      ((B,), (B, 1, 1)),
+      ((B, T), (T, B)),
+      ((B, D), (B + 1, D)),
+      ((1, D), (B, D)),  # never broadcast
+      ((B, T, D), (B, T, 1)),
+    ],
   )
   def test_mismatched_y_true_y_pred(self, api, shapes):
     y_shape, p_shape = shapes
     pattern = rf"y_true.*{_shape(y_shape)}.*y_pred.*{_shape(p_shape)}"
-    self.assert_raises_traced(
-        ValueError, pattern, api, jnp.zeros(y_shape), jnp.full(p_shape, 0.5))
+    self.assert_raises_traced(ValueError, pattern, api, jnp.zeros(y_shape), jnp.full(p_shape, 0.5))
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.product(column_side=["y_true", "y_pred"])
@@ -114,26 +115,27 @@ class ShapeErrorsTest(_ErrorTestCase):
     losses = self.variant(lambda y, p: _loss(y, p, reduction=None))(*args)
     chex.assert_shape(losses, (B,))
     np.testing.assert_allclose(
-        self.variant(_metric)(*args), expected.mean(), rtol=4 * np.finfo(np.float32).eps)
+      self.variant(_metric)(*args), expected.mean(), rtol=4 * np.finfo(np.float32).eps
+    )
 
 
 _WEIGHT_SHAPE_CASES = [
-    # (input shape, per-sample loss shape, weight shape)
-    ((B, D), (B,), (B + 1,)),
-    ((B, D), (B,), (1, B)),
-    ((B, D), (B,), (B, 2)),
-    ((B, T, D), (B, T), (B, T + 1)),
-    ((B, T, D), (B, T), (T,)),  # rank 1 of length T != B: ambiguous, refused
-    ((B, T, D), (B, T), (T, B)),
-    ((B, T, D), (B, T), (B, T, 2)),
+  # (input shape, per-sample loss shape, weight shape)
+  ((B, D), (B,), (B + 1,)),
+  ((B, D), (B,), (1, B)),
+  ((B, D), (B,), (B, 2)),
+  ((B, T, D), (B, T), (B, T + 1)),
+  # Rank 1 of a length that is neither the batch nor the last axis. (Length T is
+  # broadcast over the last axis, as in NumPy: see test_rank1_over_last_axis_broadcasts.)
+  ((B, T, D), (B, T), (T + 2,)),
+  ((B, T, D), (B, T), (T, B)),
+  ((B, T, D), (B, T), (B, T, 2)),
 ]
 
 
 class WeightAndMaskErrorsTest(_ErrorTestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.product(
-      api=WEIGHTED_APIS, case=_WEIGHT_SHAPE_CASES, arg=["sample_weight", "mask"])
+  @parameterized.product(api=WEIGHTED_APIS, case=_WEIGHT_SHAPE_CASES, arg=["sample_weight", "mask"])
   def test_weight_or_mask_does_not_broadcast(self, api, case, arg):
     in_shape, loss_shape, w_shape = case
     y, p = _inputs(in_shape)
@@ -142,21 +144,51 @@ class WeightAndMaskErrorsTest(_ErrorTestCase):
     self.assert_raises_traced(ValueError, pattern, api, y, p, **{arg: value})
 
   @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(api=WEIGHTED_APIS, arg=["sample_weight", "mask"])
+  def test_rank1_over_last_axis_broadcasts(self, api, arg):
+    # README, `sample_weight`: "a shape that broadcasts to the per-sample losses"; a
+    # rank-1 weight whose length is not the batch is broadcast on the last axis as in
+    # NumPy (`weight_shape` in bce_jax/_validate.py): (T,) against [B, T] is (1, T).
+    y, p = _inputs((B, T, D))
+    value = jnp.array([True, False, True]) if arg == "mask" else jnp.array([0.5, 0.0, 2.0])
+    f = self.variant(lambda y, p, v: APIS[api](y, p, **{arg: v}))
+    got = f(y, p, value)
+    np.testing.assert_array_equal(got, f(y, p, value[None, :]))
+    per_sample = ref.mean_over(ref.elementwise(y, p), -1)  # [B, T]
+    weights = np.broadcast_to(np.asarray(value, np.float64), (B, T))
+    if api == "loss":
+      expected = ref.reduce(per_sample, "sum_over_batch_size", **{arg: np.asarray(value)})
+    else:
+      expected = ref.metric_result([(per_sample, weights)])
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(api=WEIGHTED_APIS)
+  def test_rank1_of_batch_length_weights_rows(self, api):
+    # README: shape [batch] weights whole samples, also for [batch, T] losses, even
+    # when batch == T (where the NumPy rule would weight the last axis instead).
+    y, p = _inputs((T, T, D))
+    w = jnp.array([0.5, 0.0, 2.0])
+    f = self.variant(lambda y, p, w: APIS[api](y, p, sample_weight=w))
+    np.testing.assert_array_equal(f(y, p, w), f(y, p, w[:, None]))
+    self.assertNotEqual(float(f(y, p, w)), float(f(y, p, w[None, :])))
+
+  @chex.variants(with_jit=True, without_jit=True)
   @parameterized.product(api=WEIGHTED_APIS, dtype=["float32", "int32", "uint8"])
   def test_mask_must_be_bool(self, api, dtype):
     y, p = _inputs((B, D))
     self.assert_raises_traced(
-        TypeError, rf"`mask`.*bool.*{dtype}", api, y, p, mask=jnp.ones((B,), dtype))
+      TypeError, rf"`mask`.*bool.*{dtype}", api, y, p, mask=jnp.ones((B,), dtype)
+    )
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.product(
-      api=WEIGHTED_APIS, kind=["complex", "string", "str_array", "object_array"])
+  @parameterized.product(api=WEIGHTED_APIS, kind=["complex", "string", "str_array", "object_array"])
   def test_sample_weight_must_be_real(self, api, kind):
     weight = {
-        "complex": np.ones(B, np.complex64),
-        "string": "ones",
-        "str_array": np.array(["1"] * B),
-        "object_array": np.array([1.0, None, 1.0, 1.0], dtype=object),
+      "complex": np.ones(B, np.complex64),
+      "string": "ones",
+      "str_array": np.array(["1"] * B),
+      "object_array": np.array([1.0, None, 1.0, 1.0], dtype=object),
     }[kind]
     y, p = _inputs((B, D))
     fn = APIS[api]
@@ -165,7 +197,6 @@ class WeightAndMaskErrorsTest(_ErrorTestCase):
 
 
 class ConfigurationErrorsTest(_ErrorTestCase):
-
   @parameterized.parameters("avg", "SUM", "sum_over_batch", 1, "")
   def test_unknown_reduction(self, reduction):
     with self.assertRaisesRegex(ValueError, rf"`reduction`.*{re.escape(repr(reduction))}"):
@@ -176,27 +207,33 @@ class ConfigurationErrorsTest(_ErrorTestCase):
   def test_label_smoothing_out_of_range_in_functions(self, api, value):
     y, p = _inputs((B, D))
     self.assert_raises_traced(
-        ValueError, r"`label_smoothing`.*\[0, 1\]", api, y, p, label_smoothing=value)
+      ValueError, r"`label_smoothing`.*\[0, 1\]", api, y, p, label_smoothing=value
+    )
 
   @parameterized.product(
-      cls=[bce_jax.BinaryCrossentropy, bce_jax.BinaryCrossentropyMetric],
-      value=[-0.1, 1.5, float("nan"), float("inf")])
+    cls=[bce_jax.BinaryCrossentropy, bce_jax.BinaryCrossentropyMetric],
+    value=[-0.1, 1.5, float("nan"), float("inf")],
+  )
   def test_label_smoothing_out_of_range_in_objects(self, cls, value):
     with self.assertRaisesRegex(ValueError, r"`label_smoothing`.*\[0, 1\]"):
       cls(label_smoothing=value)
 
   # Each configuration field of the objects, given a value of the wrong type:
-  # a TypeError naming the field. Strings are refused, never parsed (SPEC 4).
+  # a TypeError naming the field. Strings are refused, never parsed (the `pos_weight`
+  # check in bce_jax/_validate.py: "Strings and bools are refused, not parsed").
   @parameterized.named_parameters(
-      (f"{cls.__name__}_{name}_{i}", cls, name, value, pattern)
-      for cls in (bce_jax.BinaryCrossentropy, bce_jax.BinaryCrossentropyMetric)
-      for i, (name, value, pattern) in enumerate([
-          *(("label_smoothing", v, r"`label_smoothing`") for v in ("0.1x", None, [0.1], "0.1")),
-          *(("pos_weight", v, r"`pos_weight`") for v in ("heavy", "2", ["1", "2"])),
-          *(("axis", v, r"`axis`.*int") for v in (1.0, "1", (0, 1.5), True, None, ())),
-          *(("from_logits", v, r"`from_logits`.*bool") for v in ("yes", 1, None)),
-          ("name", 3, r"`name`"),
-      ]))
+    (f"{cls.__name__}_{name}_{i}", cls, name, value, pattern)
+    for cls in (bce_jax.BinaryCrossentropy, bce_jax.BinaryCrossentropyMetric)
+    for i, (name, value, pattern) in enumerate(
+      [
+        *(("label_smoothing", v, r"`label_smoothing`") for v in ("0.1x", None, [0.1], "0.1")),
+        *(("pos_weight", v, r"`pos_weight`") for v in ("heavy", "2", ["1", "2"])),
+        *(("axis", v, r"`axis`.*int") for v in (1.0, "1", (0, 1.5), True, None, ())),
+        *(("from_logits", v, r"`from_logits`.*bool") for v in ("yes", 1, None)),
+        ("name", 3, r"`name`"),
+      ]
+    )
+  )
   def test_config_of_wrong_type_in_objects(self, cls, name, value, pattern):
     with self.assertRaisesRegex(TypeError, pattern):
       cls(**{name: value})
@@ -209,7 +246,8 @@ class ConfigurationErrorsTest(_ErrorTestCase):
     self.assert_raises_traced(TypeError, r"`label_smoothing`", api, y, p, label_smoothing="0.1")
 
   @parameterized.product(
-      api=["function", "elementwise", "loss", "metric"], value=[True, np.bool_(False)])
+    api=["function", "elementwise", "loss", "metric"], value=[True, np.bool_(False)]
+  )
   def test_label_smoothing_bool_rejected(self, api, value):
     # A bool is an int to Python, but True as "smoothing 1.0" is a mistake.
     y, p = _inputs((B, D))
@@ -232,8 +270,9 @@ class ConfigurationErrorsTest(_ErrorTestCase):
       with self.assertRaisesRegex(TypeError, r"`label_smoothing`.*bool"):
         f(jnp.asarray(True))
     else:  # an integer 0 or 1 is a valid smoothing
-      np.testing.assert_allclose(f(jnp.asarray(1, dtype)), bce_jax.binary_crossentropy(
-          y, p, label_smoothing=1.0))
+      np.testing.assert_allclose(
+        f(jnp.asarray(1, dtype)), bce_jax.binary_crossentropy(y, p, label_smoothing=1.0)
+      )
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(("function",), ("loss",), ("metric",))
@@ -242,23 +281,29 @@ class ConfigurationErrorsTest(_ErrorTestCase):
     # refused the same way by the functions and the objects.
     y, p = _inputs((B, D))
     self.assert_raises_traced(
-        TypeError, r"`axis`.*non-empty tuple.*binary_crossentropy_elementwise", api, y, p,
-        axis=())
+      TypeError, r"`axis`.*non-empty tuple.*binary_crossentropy_elementwise", api, y, p, axis=()
+    )
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters((-1,), (0,))
   def test_axis_with_scalar_inputs(self, axis):
     y, p = jnp.float32(1.0), jnp.float32(0.3)
     self.assert_raises_traced(
-        ValueError, r"`axis` .*scalar \(rank-0\) inputs", "function", y, p, axis=axis)
+      ValueError, r"`axis` .*scalar \(rank-0\) inputs", "function", y, p, axis=axis
+    )
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.product(api=["function", "loss", "metric"], axis=[2, -3, (0, 2), (1, -1), (0, 0)])
   def test_axis_out_of_range_or_repeated(self, api, axis):
     y, p = _inputs((B, D))  # rank 2
     self.assert_raises_traced(
-        ValueError, r"`axis`.*(out of range for inputs of rank 2|more than once)", api, y, p,
-        axis=axis)
+      ValueError,
+      r"`axis`.*(out of range for inputs of rank 2|more than once)",
+      api,
+      y,
+      p,
+      axis=axis,
+    )
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters((1.0,), ("1",), ((0, 1.5),), (True,), (None,))
@@ -269,22 +314,67 @@ class ConfigurationErrorsTest(_ErrorTestCase):
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.product(api=["function", "elementwise"], shape=[(D + 1,), (D, D), (B, D, 1)])
   def test_pos_weight_wrong_shape_in_functions(self, api, shape):
+    # The message states the rule (PyTorch's, for BCEWithLogitsLoss): any shape that
+    # broadcasts to the element losses without changing their shape.
     y, p = _inputs((B, D))
-    self.assert_raises_traced(
-        ValueError, rf"`pos_weight` with shape {_shape(shape)}", api, y, p,
-        pos_weight=jnp.ones(shape))
+    pattern = (
+      rf"`pos_weight` with shape {_shape(shape)} does not broadcast to the element losses "
+      rf"of shape {_shape((B, D))} without changing it"
+    )
+    self.assert_raises_traced(ValueError, pattern, api, y, p, pos_weight=jnp.ones(shape))
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.product(api=WEIGHTED_APIS)
-  def test_pos_weight_wrong_length_at_call(self, api):
-    y, p = _inputs((B, D))
-    self.assert_raises_traced(
-        ValueError, rf"`pos_weight` with shape \({D + 1},\)", api, y, p,
-        pos_weight=(1.0,) * (D + 1))
+  @parameterized.product(api=["function", "elementwise"], shape=[(), (D,), (1, D), (B, 1), (B, D)])
+  def test_pos_weight_broadcastable_shapes_accepted(self, api, shape):
+    # binary_crossentropy_elementwise docstring: "a scalar or any shape that broadcasts to
+    # the element losses without changing their shape (as PyTorch's BCEWithLogitsLoss)".
+    y, x = _inputs((B, D), from_logits=True)
+    w = jnp.asarray(np.random.default_rng(3).uniform(0.5, 3.0, shape), jnp.float32)
+    got = self.variant(lambda y, x, w: APIS[api](y, x, from_logits=True, pos_weight=w))(y, x, w)
+    expected = ref.elementwise(y, x, from_logits=True, pos_weight=np.asarray(w))
+    if api == "function":
+      expected = expected.mean(-1)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
 
   @parameterized.product(
-      cls=[bce_jax.BinaryCrossentropy, bce_jax.BinaryCrossentropyMetric],
-      value=[-1.0, float("nan"), float("inf"), (1.0, -0.5), [[1.0, 2.0]]])
+    cls=[bce_jax.BinaryCrossentropy, bce_jax.BinaryCrossentropyMetric],
+    value=[2.0, (1.0, 2.0), ((1.0, 2.0),), ((1.0,), (2.0,), (0.5,), (3.0,)), [[1.0, 2.0]] * B],
+  )
+  def test_pos_weight_nested_tuples_in_objects(self, cls, value):
+    # The objects take `pos_weight` as (nested) tuples of any broadcasting shape; the
+    # config round-trips through JSON.
+    obj = cls(from_logits=True, pos_weight=value)
+    self.assertEqual(cls.from_config(json.loads(json.dumps(obj.get_config()))), obj)
+    y, x = _inputs((B, D), from_logits=True)
+    expected = ref.elementwise(y, x, from_logits=True, pos_weight=np.asarray(value)).mean()
+    got = (
+      obj(y, x) if cls is bce_jax.BinaryCrossentropy else obj.result(obj.update(obj.init(), y, x))
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(
+    api=WEIGHTED_APIS, value=[(1.0,) * (D + 1), ((1.0,) * (D + 1),), ((1.0,) * D,) * (B + 1)]
+  )
+  def test_pos_weight_wrong_length_at_call(self, api, value):
+    # A configured shape that does not fit the call's element losses is refused at call time.
+    y, p = _inputs((B, D))
+    shape = np.shape(value)
+    self.assert_raises_traced(
+      ValueError,
+      rf"`pos_weight` with shape {_shape(shape)}.*{_shape((B, D))}",
+      api,
+      y,
+      p,
+      pos_weight=value,
+    )
+
+  @parameterized.product(
+    cls=[bce_jax.BinaryCrossentropy, bce_jax.BinaryCrossentropyMetric],
+    # Nested values are valid shapes now (test_pos_weight_nested_tuples_in_objects); their
+    # entries are still checked.
+    value=[-1.0, float("nan"), float("inf"), (1.0, -0.5), [[1.0, -2.0]], ((1.0,), (np.inf,))],
+  )
   def test_pos_weight_bad_in_objects(self, cls, value):
     with self.assertRaisesRegex(ValueError, r"`pos_weight`"):
       cls(pos_weight=value)
@@ -297,21 +387,20 @@ class ConfigurationErrorsTest(_ErrorTestCase):
 
 
 class DtypeErrorsTest(_ErrorTestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.product(
-      api=list(APIS),
-      arg=["y_true", "y_pred"],
-      kind=["complex", "complex_scalar", "string", "str_array", "object_array"],
+    api=list(APIS),
+    arg=["y_true", "y_pred"],
+    kind=["complex", "complex_scalar", "string", "str_array", "object_array"],
   )
   def test_non_real_input(self, api, arg, kind):
     good = np.full((B, D), 0.5, np.float32)
     bad = {
-        "complex": good.astype(np.complex64),
-        "complex_scalar": 0.5 + 0.5j,
-        "string": "0.5",
-        "str_array": good.astype(str),
-        "object_array": good.astype(object),
+      "complex": good.astype(np.complex64),
+      "complex_scalar": 0.5 + 0.5j,
+      "string": "0.5",
+      "str_array": good.astype(str),
+      "object_array": good.astype(object),
     }[kind]
     y_true, y_pred = (bad, good) if arg == "y_true" else (good, bad)
     if kind == "complex_scalar":  # keep the shapes compatible
@@ -331,31 +420,75 @@ def _primitives(jaxpr, acc=None):
   return acc
 
 
+def _defining_eqns(jaxpr):
+  return {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+
+
+def _conds(jaxpr, acc=None):
+  """`(predicate is isnan, number of branches)` for every `cond` in `jaxpr`, nested too.
+
+  The predicate is followed back through casts and `reduce_or` (``jnp.any``) to the
+  comparison that made it; ``jnp.isnan(v)`` is ``ne(v, v)``.
+  """
+  acc = [] if acc is None else acc
+  inner = getattr(jaxpr, "jaxpr", jaxpr)
+  defining = _defining_eqns(inner)
+  for eqn in inner.eqns:
+    if eqn.primitive.name == "cond":
+      source = defining.get(eqn.invars[0])
+      while source is not None and source.primitive.name in ("convert_element_type", "reduce_or"):
+        source = defining.get(source.invars[0])
+      is_isnan = (
+        source is not None
+        and source.primitive.name == "ne"
+        and source.invars[0] is source.invars[1]
+      )
+      acc.append((is_isnan, len(eqn.params["branches"])))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+          _conds(sub, acc)
+  return acc
+
+
 _BAD_VALUES = {
-    # name: (api subset, from_logits, what to corrupt, bad value, pattern)
-    "y_pred_above_one": (APIS, False, "y_pred", 1.5, r"^y_pred .*\[0, 1\]"),
-    "y_pred_negative": (("function", "loss"), False, "y_pred", -0.25, r"^y_pred .*\[0, 1\]"),
-    "y_pred_nan_prob": (("elementwise", "metric"), False, "y_pred", np.nan,
-                        r"^y_pred contains nan"),
-    "y_pred_nan_logit": (("function", "loss"), True, "y_pred", np.nan, r"^y_pred contains nan"),
-    "y_true_above_one": (APIS, True, "y_true", 2.0, r"^y_true .*\[0, 1\]"),
-    "y_true_negative": (("elementwise", "metric"), False, "y_true", -1.0, r"^y_true .*\[0, 1\]"),
-    "y_true_nan": (APIS, True, "y_true", np.nan, r"^y_true contains nan"),
-    "sample_weight_negative": (WEIGHTED_APIS, True, "sample_weight", -0.5,
-                               r"^sample_weight .*>= 0"),
-    "sample_weight_nan": (WEIGHTED_APIS, True, "sample_weight", np.nan,
-                          r"^sample_weight contains nan"),
-    "pos_weight_negative": (("function", "elementwise"), True, "pos_weight", -2.0,
-                            r"^pos_weight .*>= 0"),
-    "pos_weight_nan": (("function", "elementwise"), True, "pos_weight", np.nan,
-                       r"^pos_weight contains nan"),
+  # name: (api subset, from_logits, what to corrupt, bad value, pattern)
+  "y_pred_above_one": (APIS, False, "y_pred", 1.5, r"^y_pred .*\[0, 1\]"),
+  "y_pred_negative": (("function", "loss"), False, "y_pred", -0.25, r"^y_pred .*\[0, 1\]"),
+  "y_pred_nan_prob": (("elementwise", "metric"), False, "y_pred", np.nan, r"^y_pred contains nan"),
+  "y_pred_nan_logit": (("function", "loss"), True, "y_pred", np.nan, r"^y_pred contains nan"),
+  "y_true_above_one": (APIS, True, "y_true", 2.0, r"^y_true .*\[0, 1\]"),
+  "y_true_negative": (("elementwise", "metric"), False, "y_true", -1.0, r"^y_true .*\[0, 1\]"),
+  "y_true_nan": (APIS, True, "y_true", np.nan, r"^y_true contains nan"),
+  "sample_weight_negative": (WEIGHTED_APIS, True, "sample_weight", -0.5, r"^sample_weight .*>= 0"),
+  "sample_weight_nan": (
+    WEIGHTED_APIS,
+    True,
+    "sample_weight",
+    np.nan,
+    r"^sample_weight contains nan",
+  ),
+  "pos_weight_negative": (
+    ("function", "elementwise"),
+    True,
+    "pos_weight",
+    -2.0,
+    r"^pos_weight .*>= 0",
+  ),
+  "pos_weight_nan": (
+    ("function", "elementwise"),
+    True,
+    "pos_weight",
+    np.nan,
+    r"^pos_weight contains nan",
+  ),
 }
 _BAD_VALUE_CASES = [(api, name) for name, spec in _BAD_VALUES.items() for api in spec[0]]
 # Every (api, bad value) pair, alternately through checked(f) and
 # checked(jax.jit(f)), so each api meets both.
 _BAD_VALUE_RUNS = [
-    (api, name, [a for a, _ in _BAD_VALUE_CASES[:i]].count(api) % 2 == 1)
-    for i, (api, name) in enumerate(_BAD_VALUE_CASES)
+  (api, name, [a for a, _ in _BAD_VALUE_CASES[:i]].count(api) % 2 == 1)
+  for i, (api, name) in enumerate(_BAD_VALUE_CASES)
 ]
 _BAD_VALUE_RUNS = [(f"{a}_{n}_{'jit' if j else 'eager'}", a, n, j) for a, n, j in _BAD_VALUE_RUNS]
 
@@ -392,7 +525,6 @@ def _value_case(api, name, jit=False):
 
 
 class CheckedTest(chex.TestCase):
-
   @parameterized.named_parameters(*_BAD_VALUE_RUNS)
   def test_bad_values_raise_naming_the_argument(self, api, name, jit_inside):
     fn, args = _value_case(api, name, jit=jit_inside)
@@ -410,10 +542,10 @@ class CheckedTest(chex.TestCase):
     from_logits = jit_inside
     y, p = _inputs((B, T, D), from_logits, seed=1)
     fn = APIS[api]
-    kwargs = dict(from_logits=from_logits, label_smoothing=0.1)
+    kwargs = {"from_logits": from_logits, "label_smoothing": 0.1}
     if api in WEIGHTED_APIS:
       kwargs["sample_weight"] = jnp.linspace(0.0, 2.0, B)
-    f = lambda y, p: fn(y, p, **kwargs)  # noqa: E731
+    f = lambda y, p: fn(y, p, **kwargs)
     f = jax.jit(f) if jit_inside else f
     chex.assert_trees_all_equal(bce_jax.checked(f)(y, p), f(y, p))
 
@@ -444,33 +576,55 @@ class CheckedTest(chex.TestCase):
   @parameterized.product(api=["loss", "metric"], from_logits=[False, True])
   def test_masked_padding_is_not_checked(self, api, from_logits):
     # Padding under a mask commonly holds a label of -1 or a nan prediction;
-    # the value checks look only at what the mask keeps.
+    # the value checks look only at what the mask keeps (README, `mask`: "Under
+    # bce_jax.checked, masked samples are not value-checked"). The checks change
+    # nothing: the checked value is the unchecked one.
     y, p = _inputs((B, T, D), from_logits)
     mask = jnp.array([True, True, False, True])
     y_pad = y.at[2].set(-1.0)
     p_pad = p.at[2].set(jnp.nan)
     f = jax.jit(functools.partial(APIS[api], from_logits=from_logits))
     chex.assert_trees_all_equal(
-        bce_jax.checked(f)(y_pad, p_pad, mask=mask), f(y, p, mask=mask))
+      bce_jax.checked(f)(y_pad, p_pad, mask=mask), f(y_pad, p_pad, mask=mask)
+    )
     with self.assertRaisesRegex(bce_jax.ValueCheckError, r"^y_true .*\[-1\.0*, 1\.0*\]"):
       bce_jax.checked(f)(y_pad, p_pad, mask=mask.at[2].set(True))
     # A per-element mask (over the losses [B, T] with axis=-1) works alike.
     mask_bt = jnp.ones((B, T), bool).at[1, 2].set(False)
     y_pad = y.at[1, 2, 0].set(2.0)
     chex.assert_trees_all_equal(
-        bce_jax.checked(f)(y_pad, p, mask=mask_bt), f(y, p, mask=mask_bt))
+      bce_jax.checked(f)(y_pad, p, mask=mask_bt), f(y_pad, p, mask=mask_bt)
+    )
     with self.assertRaisesRegex(bce_jax.ValueCheckError, r"^y_true"):
       bce_jax.checked(f)(y_pad, p, mask=mask_bt.at[1, 2].set(True))
+    # The weight of a masked sample is padding too: a negative one is not reported.
+    w = jnp.ones(B).at[2].set(-1.0)
+    chex.assert_trees_all_equal(bce_jax.checked(f)(y, p, w, mask=mask), f(y, p, w, mask=mask))
+    with self.assertRaisesRegex(bce_jax.ValueCheckError, r"^sample_weight .*>= 0"):
+      bce_jax.checked(f)(y, p, w, mask=mask.at[2].set(True))
 
-  @parameterized.named_parameters(
-      ("nan", float("nan")), ("above_one", 1.5), ("negative", -0.5))
+  @parameterized.product(api=["loss", "metric"], from_logits=[False, True])
+  def test_masked_padding_does_not_change_the_value(self, api, from_logits):
+    # Loss.__call__ docstring: masked entries "contribute exactly 0 to the value and
+    # every derivative, whatever they hold". So the value with padding is the value of
+    # the same batch with ordinary numbers in the masked places, bit for bit.
+    y, p = _inputs((B, T, D), from_logits)
+    mask = jnp.array([True, True, False, True])
+    f = jax.jit(functools.partial(APIS[api], from_logits=from_logits))
+    clean = f(y, p, mask=mask)
+    chex.assert_trees_all_equal(f(y.at[2].set(-1.0), p.at[2].set(jnp.nan), mask=mask), clean)
+    mask_bt = jnp.ones((B, T), bool).at[1, 2].set(False)
+    chex.assert_trees_all_equal(f(y.at[1, 2, 0].set(2.0), p, mask=mask_bt), f(y, p, mask=mask_bt))
+
+  @parameterized.named_parameters(("nan", float("nan")), ("above_one", 1.5), ("negative", -0.5))
   def test_traced_label_smoothing_is_checked(self, value):
     # The pure functions take `label_smoothing` as data (it may be traced, e.g.
     # annealed inside a jitted step); then only a value check can see it.
     y, p = _inputs((B, D))
     f = jax.jit(lambda y, p, s: bce_jax.binary_crossentropy(y, p, label_smoothing=s))
     np.testing.assert_array_equal(
-        bce_jax.checked(f)(y, p, 0.1), bce_jax.binary_crossentropy(y, p, label_smoothing=0.1))
+      bce_jax.checked(f)(y, p, 0.1), bce_jax.binary_crossentropy(y, p, label_smoothing=0.1)
+    )
     with self.assertRaisesRegex(bce_jax.ValueCheckError, r"^label_smoothing"):
       bce_jax.checked(f)(y, p, value)
 
@@ -480,6 +634,7 @@ class CheckedTest(chex.TestCase):
     def step(params, x, y, sample_weight):
       def objective(params):
         return loss(y, x @ params["w"] + params["b"], sample_weight=sample_weight)
+
       return jax.value_and_grad(objective)(params)
 
     params = {"w": jnp.array([0.1, -0.2]), "b": jnp.array(0.5)}
@@ -511,27 +666,52 @@ class CheckedTest(chex.TestCase):
     # ... and the plain function stays unchecked afterwards.
     chex.assert_trees_all_equal(jitted(bad, x, y, w), unchecked)
 
-  def test_unchecked_path_has_no_checks_or_branches(self):
+  def test_unchecked_path_has_no_checks_and_only_the_nan_fallback_branch(self):
+    # bce_jax/_checked.py: off by default, the value checks cost nothing, "no check, no
+    # branch is traced". The reduction itself has one scalar `lax.cond` of its own
+    # (bce_jax/_kernel.py: on inputs large enough for the fast path, the fast sum is
+    # taken again on the safe path only when it is nan). So "no branch" is asserted of
+    # the value checks: no `check` primitive and no loop anywhere, and every `cond` is
+    # that fallback: a two-way branch whose predicate is `isnan` (`ne(v, v)`) of the
+    # fast sum, with no check inside (the walk covers the branches).
     y, p = _inputs((B, T, D))
+    y_big, p_big = _inputs((4096, 8))  # 32768 elements: the fast path and its cond
     m = bce_jax.BinaryCrossentropyMetric()
     step, params, x, y_step, w = self._train_step()
+
+    def loss(y, p):
+      return _loss(y, p, sample_weight=jnp.ones(len(y)), mask=jnp.ones(y.shape[:-1], bool))
+
+    def update(y, p):
+      return m.update(m.init(), y, p, jnp.ones(len(y)))
+
     traces = {
-        "function": jax.make_jaxpr(_function)(y, p),
-        "elementwise": jax.make_jaxpr(_elementwise)(y, p),
-        "loss": jax.make_jaxpr(
-            lambda y, p: _loss(y, p, sample_weight=jnp.ones(B), mask=jnp.ones((B, T), bool)))(y, p),
-        "metric": jax.make_jaxpr(lambda y, p: m.update(m.init(), y, p, jnp.ones(B)))(y, p),
-        "train_step": jax.make_jaxpr(step)(params, x, y_step, w),
+      "function": jax.make_jaxpr(_function)(y, p),
+      "elementwise": jax.make_jaxpr(_elementwise)(y, p),
+      "loss": jax.make_jaxpr(loss)(y, p),
+      "metric": jax.make_jaxpr(update)(y, p),
+      "train_step": jax.make_jaxpr(step)(params, x, y_step, w),
+      "function_large": jax.make_jaxpr(_function)(y_big, p_big),
+      "loss_large": jax.make_jaxpr(loss)(y_big, p_big),
+      "metric_large": jax.make_jaxpr(update)(y_big, p_big),
+      "grad_large": jax.make_jaxpr(jax.grad(loss, argnums=1))(y_big, p_big),
     }
     for name, jaxpr in traces.items():
       prims = _primitives(jaxpr)
       self.assertIn("log", prims, name)  # the walk reaches inside the nested jits
-      self.assertEmpty(prims & {"check", "cond", "while"}, name)
+      self.assertEmpty(prims & {"check", "while"}, name)
+      conds = _conds(jaxpr)
+      if name.endswith("_large"):
+        self.assertNotEmpty(conds, name)  # the walk finds the fallback
+      for predicate_is_isnan, n_branches in conds:
+        self.assertTrue(predicate_is_isnan, name)
+        self.assertEqual(n_branches, 2, name)
 
     # The walk would find a check if there were one.
     def with_check(x):
       checkify.check(jnp.all(x > 0), "x must be positive")
       return bce_jax.binary_crossentropy(x, x)
+
     self.assertIn("check", _primitives(jax.make_jaxpr(with_check)(p)))
 
   @parameterized.named_parameters(("jit", jax.jit), ("vmap", jax.vmap), ("grad", jax.grad))
