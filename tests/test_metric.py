@@ -1,4 +1,9 @@
-"""The streaming metric: Keras seed values, weights, scan/vmap/psum, accuracy, config."""
+"""The streaming metric: Keras seed values, weights, scan/vmap/psum, reduce, accuracy, config.
+
+The numerics run under ``jax.jit``. Eagerly: :class:`EagerDispatchTest` (each
+method once, compared with its jitted result), the errors raised at the entry
+(:class:`StateStructureTest`, :class:`ReduceErrorsTest`) and the configs.
+"""
 
 import dataclasses
 import json
@@ -31,6 +36,33 @@ KERAS_SEED_WEIGHTED = 0.9162905
 Metric = bce_jax.BinaryCrossentropyMetric
 
 
+# The methods under jit, the metric a static argument (a pytree with no leaves):
+# compiled once per configuration and shape, shared by every test.
+@jax.jit
+def _init(metric):
+  return metric.init()
+
+
+@jax.jit
+def _update(metric, state, *args):
+  return metric.update(state, *args)
+
+
+@jax.jit
+def _merge(metric, *states):
+  return metric.merge(*states)
+
+
+@jax.jit
+def _reduce(metric, states):
+  return metric.reduce(states)
+
+
+@jax.jit
+def _result(metric, state):
+  return metric.result(state)
+
+
 def _count(state):
   """The count the state holds, `count + count_err`, summed exactly in float64."""
   return float(np.float64(state.count) + np.float64(state.count_err))
@@ -49,8 +81,11 @@ def _batch(rng, shape, from_logits):
 def _ref_per_sample(y, x, metric):
   """Per-sample losses of `metric` on one batch, in float64."""
   elements = ref.elementwise(
-      y, x, from_logits=metric.from_logits, label_smoothing=metric.label_smoothing,
-      pos_weight=None if metric.pos_weight is None else np.asarray(metric.pos_weight),
+    y,
+    x,
+    from_logits=metric.from_logits,
+    label_smoothing=metric.label_smoothing,
+    pos_weight=None if metric.pos_weight is None else np.asarray(metric.pos_weight),
   )
   return ref.mean_over(elements, metric.axis)
 
@@ -73,14 +108,11 @@ def _unstack(states, n):
   return [jax.tree_util.tree_map(lambda x, i=i: x[i], states) for i in range(n)]
 
 
-class SeedValuesTest(chex.TestCase):
-
-  @chex.variants(with_jit=True, without_jit=True)
+class SeedValuesTest(parameterized.TestCase):
   def test_keras_metric_page(self):
     m = Metric()
-    update, result = self.variant(m.update), self.variant(m.result)
-    value = result(update(m.init(), SEED_TRUE, SEED_PRED))
-    weighted = result(update(m.init(), SEED_TRUE, SEED_PRED, jnp.array([1, 0])))
+    value = _result(m, _update(m, m.init(), SEED_TRUE, SEED_PRED))
+    weighted = _result(m, _update(m, m.init(), SEED_TRUE, SEED_PRED, jnp.array([1, 0])))
     self.assertEqual(value.dtype, jnp.float32)
     self.assertEqual(value.shape, ())
     # Keras' printed float32 values carry a rounding error of ~2.5 ulp.
@@ -91,36 +123,34 @@ class SeedValuesTest(chex.TestCase):
     np.testing.assert_allclose(float(value), per_sample.mean(), rtol=2 * F32_EPS)
     np.testing.assert_allclose(float(weighted), per_sample[0], rtol=2 * F32_EPS)
 
-  @chex.variants(with_jit=True, without_jit=True)
   def test_keras_streaming_two_updates(self):
     # Two updates, then the weighted one on top: Keras' running mean.
     m = Metric()
-    update = self.variant(m.update)
-    state = update(m.init(), SEED_TRUE, SEED_PRED)
-    state = update(state, SEED_TRUE, SEED_PRED, jnp.array([1.0, 0.0]))
+    state = _update(m, m.init(), SEED_TRUE, SEED_PRED)
+    state = _update(m, state, SEED_TRUE, SEED_PRED, jnp.array([1.0, 0.0]))
     per_sample = ref.mean_over(ref.elementwise(SEED_TRUE, SEED_PRED), -1)
     expected = ref.metric_result([(per_sample, None), (per_sample, np.array([1.0, 0.0]))])
-    np.testing.assert_allclose(float(self.variant(m.result)(state)), expected, rtol=2 * F32_EPS)
+    np.testing.assert_allclose(float(_result(m, state)), expected, rtol=2 * F32_EPS)
     self.assertEqual(_count(state), 3.0)
 
 
 _CONFIGS = {
-    "probs": dict(),
-    "logits_smoothing_posweight": dict(from_logits=True, label_smoothing=0.2, pos_weight=2.0),
+  "probs": {},
+  "logits_smoothing_posweight": {"from_logits": True, "label_smoothing": 0.2, "pos_weight": 2.0},
 }
 
 
-_WEIGHT_KINDS = ["none", "scalar", "batch", "full", "column", "trailing_one"]
+# "last_axis": a rank-1 weight of another length than the batch weights the last
+# axis (README, "Rules worth knowing", `sample_weight`).
+_WEIGHT_KINDS = ["none", "scalar", "batch", "full", "column", "trailing_one", "last_axis"]
 
 
-class RandomBatchesTest(chex.TestCase):
-
-  @chex.variants(with_jit=True, without_jit=True)
+class RandomBatchesTest(parameterized.TestCase):
   @parameterized.product(
-      # For [B] per-sample losses "full" is "batch" and "trailing_one" is "column".
-      per_sample_and_weight=[("B", k) for k in ("none", "scalar", "batch", "column")]
-      + [("BT", k) for k in _WEIGHT_KINDS],
-      use_mask=[False, True],
+    # For [B] per-sample losses "full" is "batch" and "trailing_one" is "column".
+    per_sample_and_weight=[("B", k) for k in ("none", "scalar", "batch", "column")]
+    + [("BT", k) for k in _WEIGHT_KINDS],
+    use_mask=[False, True],
   )
   def test_against_reference(self, per_sample_and_weight, use_mask):
     per_sample, weight_kind = per_sample_and_weight
@@ -130,33 +160,33 @@ class RandomBatchesTest(chex.TestCase):
     rng = np.random.default_rng(zlib.crc32(f"{per_sample}{weight_kind}{use_mask}{config}".encode()))
     shape = (4, 3) if per_sample == "B" else (4, 5, 3)
     ps_shape = shape[:-1]
-    update = self.variant(m.update)
     state, batches = m.init(), []
     for _ in range(2):  # two updates: the state accumulates across batches
       y, x = _batch(rng, shape, m.from_logits)
       sw = {
-          "none": None,
-          "scalar": np.float32(rng.uniform(0.2, 2)),
-          "batch": rng.uniform(0, 2, ps_shape[:1]),
-          "full": rng.uniform(0, 2, ps_shape),
-          "column": rng.uniform(0, 2, (ps_shape[0], 1)),
-          "trailing_one": rng.uniform(0, 2, ps_shape + (1,)),
+        "none": None,
+        "scalar": np.float32(rng.uniform(0.2, 2)),
+        "batch": rng.uniform(0, 2, ps_shape[:1]),
+        "full": rng.uniform(0, 2, ps_shape),
+        "column": rng.uniform(0, 2, (ps_shape[0], 1)),
+        "trailing_one": rng.uniform(0, 2, ps_shape + (1,)),
+        "last_axis": rng.uniform(0, 2, ps_shape[1:]),
       }[weight_kind]
       sw = None if sw is None else np.asarray(sw, np.float32)
       mask = rng.uniform(size=ps_shape) > 0.3 if use_mask else None
-      state = update(state, y, x, sw, mask)
+      state = _update(m, state, y, x, sw, mask)
       batches.append((_ref_per_sample(y, x, m), _ref_weight(ps_shape, sw, mask)))
     expected = ref.metric_result(batches)
-    np.testing.assert_allclose(float(self.variant(m.result)(state)), expected, rtol=8 * F32_EPS)
+    np.testing.assert_allclose(float(_result(m, state)), expected, rtol=8 * F32_EPS)
     expected_count = sum(
-        len(ps) if w is None else w.sum() / np.prod(ps.shape[1:]) for ps, w in batches)
+      len(ps) if w is None else w.sum() / np.prod(ps.shape[1:]) for ps, w in batches
+    )
     np.testing.assert_allclose(_count(state), expected_count, rtol=4 * F32_EPS)
 
-  @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
-      ("middle_axis", (4, 3, 5), 1),
-      ("two_axes", (4, 3, 5), (1, 2)),
-      ("negative_pair", (4, 2, 3, 5), (-1, -3)),
+    ("middle_axis", (4, 3, 5), 1),
+    ("two_axes", (4, 3, 5), (1, 2)),
+    ("negative_pair", (4, 2, 3, 5), (-1, -3)),
   )
   def test_axis(self, shape, axis):
     m = Metric(from_logits=True, axis=axis)
@@ -164,52 +194,51 @@ class RandomBatchesTest(chex.TestCase):
     y, x = _batch(rng, shape, True)
     per_sample = _ref_per_sample(y, x, m)
     sw = rng.uniform(0, 2, per_sample.shape).astype(np.float32)
-    state = self.variant(m.update)(m.init(), y, x, sw)
+    state = _update(m, m.init(), y, x, sw)
     expected = ref.metric_result([(per_sample, sw)])
-    np.testing.assert_allclose(float(m.result(state)), expected, rtol=8 * F32_EPS)
+    np.testing.assert_allclose(float(_result(m, state)), expected, rtol=8 * F32_EPS)
 
-  @chex.variants(with_jit=True, without_jit=True)
   def test_batch_weight_weights_rows_when_batch_equals_time(self):
     # [B] weights on [B, T] per-sample losses weight rows, also when B == T.
     m = Metric(from_logits=True)
     y, x = _batch(np.random.default_rng(12), (3, 3, 2), True)
     w = np.array([0.0, 1.0, 3.0], np.float32)
-    state = self.variant(m.update)(m.init(), y, x, w)
+    state = _update(m, m.init(), y, x, w)
     per_sample = _ref_per_sample(y, x, m)
     expected = ref.metric_result([(per_sample, np.broadcast_to(w[:, None], (3, 3)))])
-    np.testing.assert_allclose(float(m.result(state)), expected, rtol=8 * F32_EPS)
+    np.testing.assert_allclose(float(_result(m, state)), expected, rtol=8 * F32_EPS)
     self.assertEqual(_count(state), 4.0)
 
-  @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(("B", (6, 3)), ("BT", (6, 4, 3)))
   def test_scalar_weight_counts_every_sample(self, shape):
-    # SPEC: a scalar weight w adds w * B to the count (Keras 3 adds w).
+    # A scalar weight w adds w * B to the count (Keras 3 adds w): the README,
+    # "Rules worth knowing", `sample_weight` and "Differences from Keras 3";
+    # the BinaryCrossentropyMetric docstring.
     m = Metric()
     y, x = _batch(np.random.default_rng(0), shape, False)
-    update = self.variant(m.update)
-    weighted = update(m.init(), y, x, 0.5)
+    weighted = _update(m, m.init(), y, x, 0.5)
     self.assertEqual(_count(weighted), 0.5 * shape[0])
-    self.assertEqual(_count(update(weighted, y, x, jnp.float32(2.0))), 2.5 * shape[0])
+    self.assertEqual(_count(_update(m, weighted, y, x, jnp.float32(2.0))), 2.5 * shape[0])
     # A uniform weight cancels in the mean.
-    plain = update(m.init(), y, x)
+    plain = _update(m, m.init(), y, x)
     self.assertEqual(_count(plain), shape[0])
     np.testing.assert_allclose(
-        float(m.result(weighted)), float(m.result(plain)), rtol=2 * F32_EPS)
+      float(_result(m, weighted)), float(_result(m, plain)), rtol=2 * F32_EPS
+    )
 
-  @chex.variants(with_jit=True, without_jit=True)
   def test_y_true_column_against_flat_predictions(self):
     # [B, 1] labels with [B] predictions: B samples of one element, not [B, B].
     m = Metric()
     rng = np.random.default_rng(5)
     y, x = _batch(rng, (5, 1), False)
-    state = self.variant(m.update)(m.init(), y, x[:, 0])
+    state = _update(m, m.init(), y, x[:, 0])
     self.assertEqual(_count(state), 5.0)
     np.testing.assert_allclose(
-        float(m.result(state)), ref.elementwise(y, x).mean(), rtol=4 * F32_EPS)
+      float(_result(m, state)), ref.elementwise(y, x).mean(), rtol=4 * F32_EPS
+    )
 
 
-class TransformationsTest(chex.TestCase):
-
+class TransformationsTest(parameterized.TestCase):
   def _data(self, n_batches=6, shape=(4, 3), seed=0):
     rng = np.random.default_rng(seed)
     ys, xs = zip(*[_batch(rng, shape, True) for _ in range(n_batches)])
@@ -224,19 +253,21 @@ class TransformationsTest(chex.TestCase):
     def scanned(ys, xs, ws):
       def body(state, batch):
         return m.update(state, *batch), None
+
       return jax.lax.scan(body, m.init(), (ys, xs, ws))[0]
 
     scan_state = scanned(ys, xs, weights)
     loop_state = m.init()
     for y, x, w in zip(ys, xs, weights):
-      loop_state = m.update(loop_state, y, x, w)
+      loop_state = _update(m, loop_state, y, x, w)
     expected = ref.metric_result(
-        [(_ref_per_sample(y, x, m), w) for y, x, w in zip(ys, xs, weights)])
-    # Fused and op-by-op sums round differently; the double-float values agree.
+      [(_ref_per_sample(y, x, m), w) for y, x, w in zip(ys, xs, weights)]
+    )
+    # One scan and separate updates may round differently; the double-float values agree.
     np.testing.assert_allclose(_total(scan_state), _total(loop_state), rtol=2 * F32_EPS)
     np.testing.assert_allclose(_count(scan_state), _count(loop_state), rtol=2 * F32_EPS)
-    np.testing.assert_allclose(float(m.result(scan_state)), expected, rtol=8 * F32_EPS)
-    np.testing.assert_allclose(float(m.result(loop_state)), expected, rtol=8 * F32_EPS)
+    np.testing.assert_allclose(float(_result(m, scan_state)), expected, rtol=8 * F32_EPS)
+    np.testing.assert_allclose(float(_result(m, loop_state)), expected, rtol=8 * F32_EPS)
     np.testing.assert_allclose(_count(scan_state), weights.sum(dtype=np.float64), rtol=F32_EPS)
 
   def test_vmap_over_streams(self):
@@ -252,10 +283,11 @@ class TransformationsTest(chex.TestCase):
     results = jax.jit(jax.vmap(m.result))(states)
     for s in range(n_streams):
       expected = ref.metric_result(
-          [(_ref_per_sample(ys[b, s], xs[b, s], m), None) for b in range(2)])
+        [(_ref_per_sample(ys[b, s], xs[b, s], m), None) for b in range(2)]
+      )
       np.testing.assert_allclose(float(results[s]), expected, rtol=8 * F32_EPS)
-    merged = jax.vmap(m.merge)(states, states)
-    np.testing.assert_allclose(jax.vmap(m.result)(merged), results, rtol=2 * F32_EPS)
+    merged_results = jax.jit(lambda s: jax.vmap(m.result)(jax.vmap(m.merge)(s, s)))(states)
+    np.testing.assert_allclose(merged_results, results, rtol=2 * F32_EPS)
 
   def test_jit_init_update_merge_result(self):
     m = Metric()
@@ -270,12 +302,17 @@ class TransformationsTest(chex.TestCase):
   def test_psum_under_vmap_axis_name(self):
     m = Metric(from_logits=True)
     ys, xs = self._data(n_batches=4, seed=2)
-    shard_states = jax.vmap(lambda y, x: m.update(m.init(), y, x))(ys, xs)
-    summed = jax.vmap(lambda s: jax.lax.psum(s, "shards"), axis_name="shards")(shard_states)
-    merged = m.merge(*_unstack(shard_states, 4))
+    shard_states = jax.jit(jax.vmap(lambda y, x: m.update(m.init(), y, x)))(ys, xs)
+
+    @jax.jit
+    def summed_results(states):
+      summed = jax.vmap(lambda s: jax.lax.psum(s, "shards"), axis_name="shards")(states)
+      return jax.vmap(m.result)(summed)
+
+    merged = _merge(m, *_unstack(shard_states, 4))
     expected = ref.metric_result([(_ref_per_sample(y, x, m), None) for y, x in zip(ys, xs)])
-    for value in jax.vmap(m.result)(summed):
-      np.testing.assert_allclose(float(value), float(m.result(merged)), rtol=1e-6)
+    for value in summed_results(shard_states):
+      np.testing.assert_allclose(float(value), float(_result(m, merged)), rtol=1e-6)
       np.testing.assert_allclose(float(value), expected, rtol=1e-6)
     self.assertEqual(_count(merged), 16.0)
 
@@ -299,15 +336,24 @@ class TransformationsTest(chex.TestCase):
                                   out_specs=P()))
         sharded = jax.sharding.NamedSharding(mesh, P("d"))
         summed = f(*(jax.device_put(a, sharded) for a in (y, x, w)))
-        shards = [m.update(m.init(), y[i:i + 4], x[i:i + 4], w[i:i + 4]) for i in range(0, 16, 4)]
-        merged = m.merge(*shards)
-        print(json.dumps({"psum": float(m.result(summed)), "merge": float(m.result(merged)),
+        update, merge, result = jax.jit(m.update), jax.jit(m.merge), jax.jit(m.result)
+        shards = [update(m.init(), y[i:i + 4], x[i:i + 4], w[i:i + 4]) for i in range(0, 16, 4)]
+        merged = merge(*shards)
+        print(json.dumps({"psum": float(result(summed)), "merge": float(result(merged)),
                           "y": y.tolist(), "x": x.tolist(), "w": w.tolist()}))
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    env = dict(
+      os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+      [sys.executable, "-c", script],
+      check=False,
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=120,
+      cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     m = Metric(from_logits=True)
@@ -319,8 +365,9 @@ class TransformationsTest(chex.TestCase):
 
 # Zero or at least 1e-3: XLA flushes subnormal products to zero on CPU.
 _weights = st.one_of(st.just(0.0), st.floats(float(np.float32(1e-3)), 4, width=32))
-_labels = hnp.arrays(np.float32, st.tuples(st.integers(0, 4), st.just(3)),
-                     elements=st.sampled_from([0.0, 1.0, 0.25]))
+_labels = hnp.arrays(
+  np.float32, st.tuples(st.integers(0, 4), st.just(3)), elements=st.sampled_from([0.0, 1.0, 0.25])
+)
 
 
 @st.composite
@@ -341,68 +388,177 @@ def _sharded_dataset(draw, rows=8, n_shards=4):
   y = draw(hnp.arrays(np.float32, (rows, 3), elements=st.sampled_from([0.0, 1.0, 0.25])))
   x = draw(hnp.arrays(np.float32, (rows, 3), elements=st.floats(-30, 30, width=32)))
   w = draw(hnp.arrays(np.float32, (rows,), elements=_weights))
-  cuts = sorted(draw(st.lists(st.integers(0, rows), min_size=n_shards - 1,
-                              max_size=n_shards - 1)))
+  cuts = sorted(draw(st.lists(st.integers(0, rows), min_size=n_shards - 1, max_size=n_shards - 1)))
   bounds = list(zip([0] + cuts, cuts + [rows]))
   return (y, x, w), [(y[a:b], x[a:b], w[a:b]) for a, b in bounds]
 
 
-class MergeTest(chex.TestCase):
-
+class MergeTest(parameterized.TestCase):
   def setUp(self):
     super().setUp()
     self.m = Metric(from_logits=True)
-    self.update = jax.jit(self.m.update)
-    self.merge = jax.jit(self.m.merge)
-    self.result = jax.jit(self.m.result)
 
   def _states(self, batches):
-    return [self.update(self.m.init(), y, x, w) for y, x, w in batches]
+    return [_update(self.m, self.m.init(), y, x, w) for y, x, w in batches]
 
   @given(_streams(3))
   def test_associative(self, batches):
+    m = self.m
     a, b, c = self._states(batches)
-    left = self.merge(self.merge(a, b), c)
-    right = self.merge(a, self.merge(b, c))
+    left = _merge(m, _merge(m, a, b), c)
+    right = _merge(m, a, _merge(m, b, c))
     np.testing.assert_allclose(_count(left), _count(right), rtol=4 * F32_EPS**2)
     np.testing.assert_allclose(_total(left), _total(right), rtol=2 * F32_EPS, atol=1e-30)
-    np.testing.assert_allclose(
-        float(self.result(left)), float(self.result(right)), rtol=4 * F32_EPS)
+    np.testing.assert_allclose(float(_result(m, left)), float(_result(m, right)), rtol=4 * F32_EPS)
 
   @given(_streams(2))
   def test_commutative(self, batches):
     a, b = self._states(batches)
     # Two-sum is exact in either order, so the merged states agree bit for bit.
-    chex.assert_trees_all_equal(self.merge(a, b), self.merge(b, a))
+    chex.assert_trees_all_equal(_merge(self.m, a, b), _merge(self.m, b, a))
 
   @given(_sharded_dataset())
   def test_shards_merge_to_the_whole_dataset(self, dataset):
+    m = self.m
     (y, x, w), shards = dataset
-    merged = self.merge(*self._states(shards))
-    whole = self.update(self.m.init(), y, x, w)
+    merged = _merge(m, *self._states(shards))
+    whole = _update(m, m.init(), y, x, w)
     np.testing.assert_allclose(_count(merged), w.sum(dtype=np.float64), rtol=2 * F32_EPS)
     np.testing.assert_allclose(_count(merged), _count(whole), rtol=2 * F32_EPS)
-    expected = ref.metric_result([(_ref_per_sample(y, x, self.m), w)])
-    np.testing.assert_allclose(float(self.result(merged)), expected, rtol=8 * F32_EPS, atol=0)
+    expected = ref.metric_result([(_ref_per_sample(y, x, m), w)])
+    np.testing.assert_allclose(float(_result(m, merged)), expected, rtol=8 * F32_EPS, atol=0)
     np.testing.assert_allclose(
-        float(self.result(merged)), float(self.result(whole)), rtol=8 * F32_EPS)
+      float(_result(m, merged)), float(_result(m, whole)), rtol=8 * F32_EPS
+    )
 
-  @chex.variants(with_jit=True, without_jit=True)
   def test_merge_many_states(self):
     m = self.m
     rng = np.random.default_rng(4)
     batches = [_batch(rng, (n, 3), True) for n in (1, 2, 3, 5, 7)]
-    states = [m.update(m.init(), y, x) for y, x in batches]
-    merged = self.variant(m.merge)(*states)
+    states = [_update(m, m.init(), y, x) for y, x in batches]
+    merged = _merge(m, *states)
     expected = ref.metric_result([(_ref_per_sample(y, x, m), None) for y, x in batches])
-    np.testing.assert_allclose(float(m.result(merged)), expected, rtol=8 * F32_EPS)
+    np.testing.assert_allclose(float(_result(m, merged)), expected, rtol=8 * F32_EPS)
     self.assertEqual(_count(merged), 18.0)
     # Merging the empty state is the identity.
-    chex.assert_trees_all_equal(self.variant(m.merge)(states[0], m.init()), states[0])
+    chex.assert_trees_all_equal(_merge(m, states[0], m.init()), states[0])
 
 
-class AccuracyAtScaleTest(chex.TestCase):
+class ReduceTest(parameterized.TestCase):
+  """`reduce` of stacked states: a loop of merges, one pass over all the data."""
 
+  def setUp(self):
+    super().setUp()
+    self.m = Metric(from_logits=True, label_smoothing=0.1)
+
+  def _data(self, k, seed):
+    rng = np.random.default_rng(seed)
+    ys, xs = _batch(rng, (k, 4, 3), True)
+    ws = rng.uniform(0, 2, (k, 4)).astype(np.float32)
+    return ys, xs, ws
+
+  def _stacked(self, source, ys, xs, ws):
+    """The states of each batch alone, stacked on axis 0, and the running state."""
+    m = self.m
+
+    def one(y, x, w):
+      return m.update(m.init(), y, x, w)
+
+    if source == "vmap":
+      return jax.jit(jax.vmap(one))(ys, xs, ws), None
+
+    # A scan that keeps its per-step states: each step's state is an output.
+    def body(running, batch):
+      step = one(*batch)
+      return m.merge(running, step), step
+
+    running, steps = jax.jit(lambda *a: jax.lax.scan(body, m.init(), a))(ys, xs, ws)
+    return steps, running
+
+  def _check_one_pass(self, reduced, ys, xs, ws):
+    """`reduced` against one update over all the data, and the float64 reference."""
+    m = self.m
+    k = ys.shape[0]
+    whole = _update(
+      m, m.init(), *(a.reshape((k * a.shape[1],) + a.shape[2:]) for a in (ys, xs, ws))
+    )
+    np.testing.assert_allclose(_count(reduced), ws.sum(dtype=np.float64), rtol=2 * F32_EPS)
+    np.testing.assert_allclose(_count(reduced), _count(whole), rtol=2 * F32_EPS)
+    np.testing.assert_allclose(_total(reduced), _total(whole), rtol=4 * F32_EPS)
+    expected = ref.metric_result([(_ref_per_sample(y, x, m), w) for y, x, w in zip(ys, xs, ws)])
+    np.testing.assert_allclose(float(_result(m, reduced)), expected, rtol=8 * F32_EPS)
+    np.testing.assert_allclose(
+      float(_result(m, reduced)), float(_result(m, whole)), rtol=8 * F32_EPS
+    )
+
+  @parameterized.product(source=["vmap", "scan"], k=[2, 7])
+  def test_equals_merges_and_one_pass(self, source, k):
+    m = self.m
+    ys, xs, ws = self._data(k, seed=k)
+    stacked, running = self._stacked(source, ys, xs, ws)
+    chex.assert_shape(stacked.total, (k,))
+    reduced = _reduce(m, stacked)
+    chex.assert_trees_all_equal_shapes_and_dtypes(reduced, m.init())
+    states = _unstack(stacked, k)
+    # merge(states[0], ..., states[K-1]), as the docstring says, and a loop of pairwise merges.
+    chex.assert_trees_all_equal(reduced, _merge(m, *states))
+    looped = states[0]
+    for state in states[1:]:
+      looped = _merge(m, looped, state)
+    chex.assert_trees_all_equal(reduced, looped)
+    if running is not None:  # the scan's own running merge, from the empty state
+      np.testing.assert_allclose(_total(reduced), _total(running), rtol=2 * F32_EPS)
+      np.testing.assert_allclose(_count(reduced), _count(running), rtol=2 * F32_EPS)
+    self._check_one_pass(reduced, ys, xs, ws)
+
+  @parameterized.parameters("vmap", "scan")
+  def test_one_state(self, source):
+    m = self.m
+    ys, xs, ws = self._data(1, seed=10)
+    stacked, _ = self._stacked(source, ys, xs, ws)
+    chex.assert_shape(stacked.total, (1,))
+    reduced = _reduce(m, stacked)
+    chex.assert_trees_all_equal(reduced, _unstack(stacked, 1)[0])
+    chex.assert_trees_all_equal(reduced, _update(m, m.init(), ys[0], xs[0], ws[0]))
+    self._check_one_pass(reduced, ys, xs, ws)
+
+  def test_empty_states_in_the_stack(self):
+    m = self.m
+    ys, xs, ws = self._data(3, seed=11)
+    states = [_update(m, m.init(), y, x, w) for y, x, w in zip(ys, xs, ws)]
+    stacked = _stack([m.init(), states[0], m.init(), states[1], states[2], m.init()])
+    chex.assert_trees_all_equal(_reduce(m, stacked), _merge(m, *states))
+    chex.assert_trees_all_equal(_reduce(m, _stack([m.init()] * 3)), m.init())
+    self.assertEqual(float(_result(m, _reduce(m, _stack([m.init()] * 3)))), 0.0)
+
+  def test_jittable(self):
+    m = self.m
+    ys, xs, ws = self._data(5, seed=12)
+
+    @jax.jit
+    def evaluate(ys, xs, ws):  # vmap, reduce and result in one program
+      stacked = jax.vmap(lambda y, x, w: m.update(m.init(), y, x, w))(ys, xs, ws)
+      return m.result(m.reduce(stacked)), m.reduce(stacked)
+
+    value, reduced = evaluate(ys, xs, ws)
+    stacked, _ = self._stacked("vmap", ys, xs, ws)
+    chex.assert_trees_all_close(reduced, _reduce(m, stacked), rtol=2 * F32_EPS)
+    np.testing.assert_allclose(float(value), float(_result(m, reduced)), rtol=F32_EPS)
+    self._check_one_pass(reduced, ys, xs, ws)
+    # Equal configurations share one compilation.
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def reduce_step(metric, states):
+      return metric.reduce(states)
+
+    for _ in range(3):
+      reduce_step(Metric(from_logits=True, label_smoothing=0.1), stacked)
+    chex.clear_trace_counter()
+
+
+class AccuracyAtScaleTest(parameterized.TestCase):
   def test_1e8_samples_match_float64_reference(self):
     batch, steps = 999, 100_101  # 100,000,899 samples
     m = Metric(from_logits=True)
@@ -418,34 +574,34 @@ class AccuracyAtScaleTest(chex.TestCase):
         naive_total = naive_total + jnp.sum(bce_jax.binary_crossentropy(y, x, True))
         naive_count = naive_count + batch
         return (state, naive_total, naive_count), None
+
       init = (m.init(), jnp.float32(0), jnp.float32(0))
       return jax.lax.scan(body, init, None, length=steps)[0]
 
     state, naive_total, naive_count = stream()
     expected = ref.metric_result([(_ref_per_sample(y, x, m), None)])  # every batch alike
     self.assertEqual(_count(state), float(batch * steps))
-    np.testing.assert_allclose(float(m.result(state)), expected, rtol=1e-6)
+    np.testing.assert_allclose(float(_result(m, state)), expected, rtol=1e-6)
     # The plain accumulator drifts by far more, so the check above means something.
     naive = float(naive_total) / float(naive_count)
     self.assertGreater(abs(naive / expected - 1), 1e-5)
 
-  @chex.variants(with_jit=True, without_jit=True)
   def test_count_does_not_stall_past_2_24(self):
     m = Metric(from_logits=True)
-    update = self.variant(m.update)
     y, x = np.ones((1, 1), np.float32), np.full((1, 1), -0.5, np.float32)
-    state = update(m.init(), y, x, jnp.float32(2.0**24))
+    state = _update(m, m.init(), y, x, jnp.float32(2.0**24))
     self.assertEqual(_count(state), 2.0**24)
     small_x = np.full((1, 1), 7.0, np.float32)  # a loss of ~1e-3, well below total's ulp
     for _ in range(101):
-      state = update(state, y, small_x)
+      state = _update(m, state, y, small_x)
     self.assertEqual(_count(state), 2.0**24 + 101)
     big = float(ref.elementwise(y, x, from_logits=True)[0, 0])
     small = float(ref.elementwise(y, small_x, from_logits=True)[0, 0])
     expected_total = 2.0**24 * big + 101 * small
     np.testing.assert_allclose(_total(state), expected_total, rtol=2 * F32_EPS)
     np.testing.assert_allclose(
-        float(m.result(state)), expected_total / (2.0**24 + 101), rtol=2 * F32_EPS)
+      float(_result(m, state)), expected_total / (2.0**24 + 101), rtol=2 * F32_EPS
+    )
     # A plain float32 count stalls: 2**24 + 1 rounds back to 2**24.
     naive = np.float32(2.0**24)
     for _ in range(101):
@@ -453,45 +609,44 @@ class AccuracyAtScaleTest(chex.TestCase):
     self.assertEqual(float(naive), 2.0**24)
 
 
-class EmptyTest(chex.TestCase):
-
-  @chex.variants(with_jit=True, without_jit=True)
+class EmptyTest(parameterized.TestCase):
   def test_empty_state_result_is_zero(self):
     m = Metric()
-    value = self.variant(m.result)(self.variant(m.init)())
+    value = _result(m, _init(m))
     self.assertEqual(value.dtype, jnp.float32)
     self.assertEqual(float(value), 0.0)  # not nan
 
-  @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(("B", (0, 3)), ("BT", (0, 4, 3)))
   def test_empty_batch_changes_nothing(self, shape):
     m = Metric()
-    update = self.variant(m.update)
     empty_y, empty_x = np.zeros(shape, np.float32), np.full(shape, 0.5, np.float32)
-    from_empty = update(m.init(), empty_y, empty_x)
-    self.assertEqual(float(m.result(from_empty)), 0.0)
+    from_empty = _update(m, m.init(), empty_y, empty_x)
+    self.assertEqual(float(_result(m, from_empty)), 0.0)
     self.assertEqual(_count(from_empty), 0.0)
-    seeded = update(m.init(), SEED_TRUE, SEED_PRED)
-    chex.assert_trees_all_equal(update(seeded, empty_y, empty_x), seeded)
+    seeded = _update(m, m.init(), SEED_TRUE, SEED_PRED)
+    chex.assert_trees_all_equal(_update(m, seeded, empty_y, empty_x), seeded)
     chex.assert_trees_all_equal(
-        update(seeded, empty_y, empty_x, np.zeros(shape[:-1], np.float32)), seeded)
+      _update(m, seeded, empty_y, empty_x, np.zeros(shape[:-1], np.float32)), seeded
+    )
 
-  @chex.variants(with_jit=True, without_jit=True)
   def test_all_masked_or_zero_weighted_batch(self):
     m = Metric(from_logits=True)
-    update = self.variant(m.update)
     y, x = _batch(np.random.default_rng(9), (4, 5, 3), True)
     x[0, 0, 0] = np.inf  # masked entries contribute nothing, even a non-finite loss
     y[0, 0, 0] = 0.0
-    masked = update(m.init(), y, x, None, np.zeros((4, 5), bool))
-    self.assertEqual(float(m.result(masked)), 0.0)
+    masked = _update(m, m.init(), y, x, None, np.zeros((4, 5), bool))
+    self.assertEqual(float(_result(m, masked)), 0.0)
     self.assertEqual(_count(masked), 0.0)
-    seeded = update(m.init(), SEED_TRUE, SEED_PRED)
+    seeded = _update(m, m.init(), SEED_TRUE, SEED_PRED)
     np.testing.assert_allclose(
-        float(m.result(update(seeded, y, x, None, np.zeros((4, 1), bool)))),
-        float(m.result(seeded)), rtol=F32_EPS)
-    zero_weight = update(seeded, y[1:], x[1:], np.zeros(3, np.float32))
-    np.testing.assert_allclose(float(m.result(zero_weight)), float(m.result(seeded)), rtol=F32_EPS)
+      float(_result(m, _update(m, seeded, y, x, None, np.zeros((4, 1), bool)))),
+      float(_result(m, seeded)),
+      rtol=F32_EPS,
+    )
+    zero_weight = _update(m, seeded, y[1:], x[1:], np.zeros(3, np.float32))
+    np.testing.assert_allclose(
+      float(_result(m, zero_weight)), float(_result(m, seeded)), rtol=F32_EPS
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,27 +661,52 @@ jax.tree_util.register_dataclass(_LookAlike)
 
 
 def _state(**fields):
-  base = dict(total=jnp.float32(1), total_err=jnp.float32(0), count=jnp.float32(2),
-              count_err=jnp.float32(0))
+  base = {
+    "total": jnp.float32(1),
+    "total_err": jnp.float32(0),
+    "count": jnp.float32(2),
+    "count_err": jnp.float32(0),
+  }
   return bce_jax.MetricState(**{**base, **fields})
 
 
 _BAD_STATES = {
-    # kind: (state, error, message pattern with {arg} for the argument's name)
-    "dict": ({"total": jnp.float32(1), "total_err": jnp.float32(0), "count": jnp.float32(2),
-              "count_err": jnp.float32(0)}, TypeError,
-             r"`{arg}` must be a bce_jax.MetricState.*dict"),
-    "tuple": ((jnp.float32(1), jnp.float32(0), jnp.float32(2), jnp.float32(0)), TypeError,
-              r"`{arg}` must be a bce_jax.MetricState.*tuple"),
-    "other_dataclass": (_LookAlike(jnp.float32(1), jnp.float32(0), jnp.float32(2),
-                                   jnp.float32(0)), TypeError,
-                        r"`{arg}` must be a bce_jax.MetricState.*_LookAlike"),
-    "vector_field": (_state(total=jnp.zeros(3)), ValueError,
-                     r"`{arg}\.total` must be a float32 scalar.*shape \(3,\)"),
-    "int_field": (_state(count=jnp.int32(2)), ValueError,
-                  r"`{arg}\.count` must be a float32 scalar.*int32"),
-    "float16_field": (_state(count_err=jnp.float16(0)), ValueError,
-                      r"`{arg}\.count_err` must be a float32 scalar.*float16"),
+  # kind: (state, error, message pattern with {arg} for the argument's name)
+  "dict": (
+    {
+      "total": jnp.float32(1),
+      "total_err": jnp.float32(0),
+      "count": jnp.float32(2),
+      "count_err": jnp.float32(0),
+    },
+    TypeError,
+    r"`{arg}` must be a bce_jax.MetricState.*dict",
+  ),
+  "tuple": (
+    (jnp.float32(1), jnp.float32(0), jnp.float32(2), jnp.float32(0)),
+    TypeError,
+    r"`{arg}` must be a bce_jax.MetricState.*tuple",
+  ),
+  "other_dataclass": (
+    _LookAlike(jnp.float32(1), jnp.float32(0), jnp.float32(2), jnp.float32(0)),
+    TypeError,
+    r"`{arg}` must be a bce_jax.MetricState.*_LookAlike",
+  ),
+  "vector_field": (
+    _state(total=jnp.zeros(3)),
+    ValueError,
+    r"`{arg}\.total` must be a float32 scalar.*shape \(3,\)",
+  ),
+  "int_field": (
+    _state(count=jnp.int32(2)),
+    ValueError,
+    r"`{arg}\.count` must be a float32 scalar.*int32",
+  ),
+  "float16_field": (
+    _state(count_err=jnp.float16(0)),
+    ValueError,
+    r"`{arg}\.count_err` must be a float32 scalar.*float16",
+  ),
 }
 
 
@@ -534,28 +714,38 @@ def _pattern(template, arg):
   return template.replace("{arg}", re.escape(arg))
 
 
-class StateStructureTest(chex.TestCase):
+# Errors are raised at the entry, in Python: checked eagerly and while tracing.
+_MODES = (("eager", False), ("jit", True))
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(*[(k, k) for k in _BAD_STATES])
-  def test_update_rejects(self, kind):
+
+def _maybe_jit(fn, use_jit):
+  return jax.jit(fn) if use_jit else fn
+
+
+class StateStructureTest(parameterized.TestCase):
+  @parameterized.named_parameters(
+    *[(f"{k}_{mode}", k, use_jit) for k in _BAD_STATES for mode, use_jit in _MODES]
+  )
+  def test_update_rejects(self, kind, use_jit):
     bad, error, template = _BAD_STATES[kind]
     with self.assertRaisesRegex(error, _pattern(template, "state")):
-      self.variant(Metric().update)(bad, SEED_TRUE, SEED_PRED)
+      _maybe_jit(Metric().update, use_jit)(bad, SEED_TRUE, SEED_PRED)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(*[(k, k) for k in _BAD_STATES])
-  def test_result_rejects(self, kind):
+  @parameterized.named_parameters(
+    *[(f"{k}_{mode}", k, use_jit) for k in _BAD_STATES for mode, use_jit in _MODES]
+  )
+  def test_result_rejects(self, kind, use_jit):
     bad, error, template = _BAD_STATES[kind]
     with self.assertRaisesRegex(error, _pattern(template, "state")):
-      self.variant(Metric().result)(bad)
+      _maybe_jit(Metric().result, use_jit)(bad)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(*[(k, k) for k in _BAD_STATES])
-  def test_merge_rejects(self, kind):
+  @parameterized.named_parameters(
+    *[(f"{k}_{mode}", k, use_jit) for k in _BAD_STATES for mode, use_jit in _MODES]
+  )
+  def test_merge_rejects(self, kind, use_jit):
     bad, error, template = _BAD_STATES[kind]
     m = Metric()
-    merge = self.variant(m.merge)
+    merge = _maybe_jit(m.merge, use_jit)
     with self.assertRaisesRegex(error, _pattern(template, "state")):
       merge(bad, m.init())
     with self.assertRaisesRegex(error, _pattern(template, "others[1]")):
@@ -572,13 +762,67 @@ class StateStructureTest(chex.TestCase):
       m.merge(m.init())
 
 
-class ConfigTest(chex.TestCase):
+def _stacked_state(*shapes, dtype=jnp.float32):
+  """A MetricState whose fields have the given shapes (one shape: all four)."""
+  shapes = shapes * 4 if len(shapes) == 1 else shapes
+  return bce_jax.MetricState(*(jnp.zeros(s, dtype) for s in shapes))
 
+
+_BAD_STACKS = {
+  # kind: (stack, error, message pattern)
+  "k_zero": (_stacked_state((0,)), ValueError, r"reduce\(\) needs at least one.*K = 0"),
+  "scalar_fields": (
+    _stacked_state(()),
+    ValueError,
+    r"`states\.total` must be a float32 array of shape \[K\].*shape \(\)",
+  ),
+  "mismatched_shapes": (
+    _stacked_state((3,), (3,), (2,), (2,)),
+    ValueError,
+    r"fields of `states` have different shapes.*\(2,\).*\(3,\)",
+  ),
+  "rank_two": (
+    _stacked_state((2, 3)),
+    ValueError,
+    r"`states\.total` must be a float32 array of shape \[K\].*shape \(2, 3\)",
+  ),
+  "int_fields": (
+    _stacked_state((2,), dtype=jnp.int32),
+    ValueError,
+    r"`states\.total` must be a float32 array of shape \[K\].*int32",
+  ),
+  "not_a_state": (
+    {"total": jnp.zeros(2)},
+    TypeError,
+    r"`states` must be a bce_jax.MetricState.*dict",
+  ),
+}
+
+
+class ReduceErrorsTest(parameterized.TestCase):
   @parameterized.named_parameters(
-      ("default", {}),
-      ("everything", dict(from_logits=True, label_smoothing=0.1, name="val_bce", axis=(1, 2),
-                          pos_weight=(1.0, 2.5))),
-      ("scalar_pos_weight", dict(pos_weight=3.0, axis=1)),
+    *[(f"{k}_{mode}", k, use_jit) for k in _BAD_STACKS for mode, use_jit in _MODES]
+  )
+  def test_bad_stack(self, kind, use_jit):
+    bad, error, pattern = _BAD_STACKS[kind]
+    with self.assertRaisesRegex(error, pattern):
+      _maybe_jit(Metric().reduce, use_jit)(bad)
+
+
+class ConfigTest(parameterized.TestCase):
+  @parameterized.named_parameters(
+    ("default", {}),
+    (
+      "everything",
+      {
+        "from_logits": True,
+        "label_smoothing": 0.1,
+        "name": "val_bce",
+        "axis": (1, 2),
+        "pos_weight": (1.0, 2.5),
+      },
+    ),
+    ("scalar_pos_weight", {"pos_weight": 3.0, "axis": 1}),
   )
   def test_json_round_trip(self, kwargs):
     m = Metric(**kwargs)
@@ -592,15 +836,19 @@ class ConfigTest(chex.TestCase):
     keras = {"name": "bce", "dtype": "float32", "from_logits": True, "label_smoothing": 0.1}
     expected = Metric(from_logits=True, label_smoothing=0.1, name="bce")
     self.assertEqual(Metric.from_config(keras), expected)
-    serialized = {"module": "keras.metrics", "class_name": "BinaryCrossentropy",
-                  "config": keras, "registered_name": None}
+    serialized = {
+      "module": "keras.metrics",
+      "class_name": "BinaryCrossentropy",
+      "config": keras,
+      "registered_name": None,
+    }
     self.assertEqual(Metric.from_config(serialized), expected)
     policy = {"module": "keras", "class_name": "DTypePolicy", "config": {"name": "float32"}}
     self.assertEqual(Metric.from_config({**keras, "dtype": policy}), expected)
 
   @parameterized.named_parameters(
-      ("reduction", {"from_logits": True, "reduction": "sum"}, "reduction"),
-      ("misspelled", {"from_logit": True}, "from_logit"),
+    ("reduction", {"from_logits": True, "reduction": "sum"}, "reduction"),
+    ("misspelled", {"from_logit": True}, "from_logit"),
   )
   def test_unknown_keys_rejected(self, config, key):
     with self.assertRaisesRegex(ValueError, rf"[Uu]nknown.*'{key}'"):
@@ -637,3 +885,39 @@ class ConfigTest(chex.TestCase):
     # A different configuration is a different static value and does retrace.
     with self.assertRaises(AssertionError):
       step(Metric(from_logits=False), state, SEED_TRUE, SEED_PRED)
+
+
+class EagerDispatchTest(parameterized.TestCase):
+  """Each method called eagerly once: the same state and value as under jit."""
+
+  def _assert_same_state(self, eager, jitted):
+    chex.assert_trees_all_equal_shapes_and_dtypes(eager, jitted)
+    np.testing.assert_allclose(_total(eager), _total(jitted), rtol=2 * F32_EPS)
+    np.testing.assert_allclose(_count(eager), _count(jitted), rtol=2 * F32_EPS)
+
+  def test_methods(self):
+    m = Metric(from_logits=True, label_smoothing=0.1, pos_weight=1.5)
+    rng = np.random.default_rng(13)
+    (ya, xa), (yb, xb) = _batch(rng, (5, 4, 3), True), _batch(rng, (3, 4, 3), True)
+    w = rng.uniform(0, 2, (5,)).astype(np.float32)
+    mask = rng.uniform(size=(5, 4)) > 0.3
+    init = m.init()
+    chex.assert_trees_all_equal(init, _init(m))
+    a = m.update(init, ya, xa, w, mask)
+    self._assert_same_state(a, _update(m, _init(m), ya, xa, w, mask))
+    b = m.update(a, yb, xb)
+    self._assert_same_state(b, _update(m, a, yb, xb))
+    self._assert_same_state(m.merge(a, b, a), _merge(m, a, b, a))
+    stacked = _stack([a, b, a])
+    self._assert_same_state(m.reduce(stacked), _reduce(m, stacked))
+    value = m.result(b)
+    self.assertEqual(value.dtype, jnp.float32)
+    self.assertEqual(value.shape, ())
+    np.testing.assert_allclose(float(value), float(_result(m, b)), rtol=2 * F32_EPS)
+    expected = ref.metric_result(
+      [
+        (_ref_per_sample(ya, xa, m), _ref_weight((5, 4), w, mask)),
+        (_ref_per_sample(yb, xb, m), None),
+      ]
+    )
+    np.testing.assert_allclose(float(value), expected, rtol=8 * F32_EPS)

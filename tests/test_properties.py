@@ -1,6 +1,4 @@
-"""Properties that hold for every input, checked with hypothesis."""
-
-import functools
+"""Properties that hold for every input, checked with hypothesis, under ``jax.jit``."""
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -18,9 +16,9 @@ F32_MAX = float(np.finfo(np.float32).max)
 shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=5)
 labels_elem = st.floats(0.0, 1.0, width=32)
 logits_elem = st.one_of(
-    st.floats(-50.0, 50.0, width=32),
-    st.floats(-F32_MAX, F32_MAX, width=32),
-    st.sampled_from([0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0, 1e4, -1e4]),
+  st.floats(-50.0, 50.0, width=32),
+  st.floats(-F32_MAX, F32_MAX, width=32),
+  st.sampled_from([0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0, 1e4, -1e4]),
 )
 probs_elem = st.one_of(st.floats(0.0, 1.0, width=32), st.sampled_from([0.0, 1e-8, 1.0, 0.9999999]))
 smoothing = st.sampled_from([0.0, 0.1, 0.5, 1.0])
@@ -36,6 +34,33 @@ def logit_cases(draw, elements=logits_elem):
 
 # jitted once per shape and flag, reused across examples
 _elementwise = jax.jit(bce_jax.binary_crossentropy_elementwise, static_argnums=(2, 3))
+
+
+@jax.jit
+def _grad_logits(y, x):
+  return jax.grad(lambda x: bce_jax.binary_crossentropy_elementwise(y, x, True).sum())(x)
+
+
+@jax.jit
+def _grad_probs(y, p):
+  return jax.grad(lambda p: bce_jax.binary_crossentropy_elementwise(y, p).sum())(p)
+
+
+@jax.jit(static_argnums=(2,))
+def _shapes_case(y, x, from_logits):
+  """The per-sample losses, their mean over every non-batch axis, the element losses."""
+  axes = tuple(range(1, y.ndim))
+  return (
+    bce_jax.binary_crossentropy(y, x, from_logits=from_logits),
+    bce_jax.binary_crossentropy(y, x, from_logits, axis=axes),
+    bce_jax.binary_crossentropy_elementwise(y, x, from_logits),
+  )
+
+
+@jax.jit
+def _loss_and_per_sample(y, x):
+  per_sample = bce_jax.binary_crossentropy(y, x, from_logits=True)
+  return bce_jax.BinaryCrossentropy(from_logits=True)(y, x), jnp.mean(per_sample)
 
 
 @given(logit_cases(), smoothing)
@@ -69,7 +94,7 @@ def test_symmetry_of_labels_and_logits(case, s):
 @given(logit_cases(elements=st.floats(-30.0, 30.0, width=32)))
 def test_gradient_is_sigmoid_minus_label(case):
   y, x = case
-  grad = jax.grad(lambda x: _elementwise(y, x, True, 0.0).sum())(x)
+  grad = _grad_logits(y, x)
   want = ref.sigmoid(x) - y.astype(np.float64)
   # |sigmoid(x) - y| can be tiny by cancellation; the error is measured on
   # the scale of its terms.
@@ -79,7 +104,7 @@ def test_gradient_is_sigmoid_minus_label(case):
 @given(logit_cases(elements=probs_elem))
 def test_probability_gradient_has_the_right_sign(case):
   y, p = case
-  grad = np.asarray(jax.grad(lambda p: _elementwise(y, p, False, 0.0).sum())(p))
+  grad = np.asarray(_grad_probs(y, p))
   assert np.all(np.isfinite(grad))
   pc = np.clip(p.astype(np.float64), 1e-7, float(np.float32(1 - 1e-7)))
   # The loss falls as p moves toward y: the derivative has the sign of p - y.
@@ -88,26 +113,24 @@ def test_probability_gradient_has_the_right_sign(case):
 
 
 @given(
-    hnp.array_shapes(min_dims=2, max_dims=4, min_side=1, max_side=4),
-    st.sampled_from([jnp.float16, jnp.bfloat16, jnp.float32]),
-    st.booleans(),
+  hnp.array_shapes(min_dims=2, max_dims=4, min_side=1, max_side=4),
+  st.sampled_from([jnp.float16, jnp.bfloat16, jnp.float32]),
+  st.booleans(),
 )
 def test_shapes_and_dtypes(shape, dtype, from_logits):
   rng = np.random.default_rng(len(shape))
   y = jnp.asarray(rng.integers(0, 2, shape), dtype)
   x = jnp.asarray(rng.uniform(0.0, 1.0, shape), dtype)
-  fn = functools.partial(bce_jax.binary_crossentropy, from_logits=from_logits)
-  out = fn(y, x)
+  out, whole, elements = _shapes_case(y, x, from_logits)
   assert out.shape == shape[:-1]
   assert out.dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(out)))
   # Each axis subset averages the same element losses.
-  axes = tuple(range(1, len(shape)))
-  whole = bce_jax.binary_crossentropy(y, x, from_logits, axis=axes)
   np.testing.assert_allclose(
-      np.asarray(whole),
-      np.asarray(bce_jax.binary_crossentropy_elementwise(y, x, from_logits)).reshape(shape[0], -1).mean(1),
-      rtol=8 * F32_EPS, atol=1e-7,
+    np.asarray(whole),
+    np.asarray(elements).reshape(shape[0], -1).mean(1),
+    rtol=8 * F32_EPS,
+    atol=1e-7,
   )
 
 
@@ -116,6 +139,5 @@ def test_loss_object_mean_equals_mean_of_function(case):
   y, x = case
   if y.ndim < 2:
     y, x = y[:, None], x[:, None]
-  loss = bce_jax.BinaryCrossentropy(from_logits=True)(y, x)
-  per_sample = bce_jax.binary_crossentropy(y, x, from_logits=True)
-  np.testing.assert_allclose(float(loss), float(jnp.mean(per_sample)), rtol=4 * F32_EPS, atol=1e-7)
+  loss, mean_per_sample = _loss_and_per_sample(y, x)
+  np.testing.assert_allclose(float(loss), float(mean_per_sample), rtol=4 * F32_EPS, atol=1e-7)

@@ -10,11 +10,11 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 def test_quick_start_prints_what_it_says():
   text = README.read_text()
-  block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+  block = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
   expected = [
-      line.split("#", 1)[1].strip().split(",")[0].split(" as ")[0].strip()
-      for line in block.splitlines()
-      if line.startswith("print(") and "#" in line
+    line.split("#", 1)[1].strip().split(",")[0].split(" as ")[0].strip()
+    for line in block.splitlines()
+    if line.startswith("print(") and "#" in line
   ]
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
@@ -27,6 +27,6 @@ def test_ci_runs_the_readme_test_command():
   text = README.read_text()
   ci = (README.parent / ".ci" / "run").read_text()
   command = next(
-      line for line in text.splitlines() if line.startswith("python3 -m venv") and "pytest" in line
+    line for line in text.splitlines() if line.startswith("python3 -m venv") and "pytest" in line
   )
   assert command in ci.splitlines()
