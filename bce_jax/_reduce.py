@@ -54,28 +54,31 @@ def _prepare(y_true, y_pred, label_smoothing, pos_weight):
   return (y_true, y_pred, label_smoothing, pos_weight), shape
 
 
-def _weight_shapes(sample_weight, mask, per_sample_shape):
-  """Checks `sample_weight` and `mask`; returns them and their static shapes."""
-  sample_weight = _validate.check_sample_weight(sample_weight)
-  weight_shape = mask_shape = None
-  if sample_weight is not None:
-    weight_shape = _validate.weight_shape(
-      "sample_weight", tuple(sample_weight.shape), per_sample_shape
-    )
-  if mask is not None:
-    mask = _validate.as_array("mask", mask)
-    _validate.check_mask_dtype(mask)
-    mask_shape = _validate.weight_shape("mask", tuple(mask.shape), per_sample_shape)
-  return sample_weight, mask, (weight_shape, mask_shape)
-
-
 def prepare_call(y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask):
   """Checks one call's arguments; returns its static layout and its arrays."""
   arrays, shape = _prepare(y_true, y_pred, label_smoothing, pos_weight)
-  axes = _validate.normalize_axis(axis, len(shape))
+  sample_weight = _validate.check_sample_weight(sample_weight)
+  if mask is not None:
+    mask = _validate.as_array("mask", mask)
+    _validate.check_mask_dtype(mask)
+  layout = _layout(
+    shape,
+    _validate.normalize_axis(axis, len(shape)),
+    None if sample_weight is None else tuple(sample_weight.shape),
+    None if mask is None else tuple(mask.shape),
+  )
+  return layout, (*arrays, sample_weight, mask)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(shape, axes, weight_shape, mask_shape) -> Layout:
+  """The static layout of a call (the shape checks run once per combination)."""
   per_sample_shape = tuple(d for i, d in enumerate(shape) if i not in axes)
-  sample_weight, mask, weight_shapes = _weight_shapes(sample_weight, mask, per_sample_shape)
-  return Layout(shape, axes, weight_shapes), (*arrays, sample_weight, mask)
+  shapes = tuple(
+    None if given is None else _validate.weight_shape(name, given, per_sample_shape)
+    for name, given in (("sample_weight", weight_shape), ("mask", mask_shape))
+  )
+  return Layout(shape, axes, shapes)
 
 
 # --------------------------------------------------------------------------

@@ -72,6 +72,8 @@ def check_label_smoothing(label_smoothing: Any) -> None:
   A traced value (annealed inside a jitted step) is checked for its shape
   and dtype here, and for its value only under :func:`checked`.
   """
+  if type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0:
+    return  # the common case, and every loss or metric object's: nothing to check
   if isinstance(label_smoothing, (str, bytes, bool, np.bool_)):
     raise TypeError(
       f"`label_smoothing` must be a float in [0, 1]; got a "
