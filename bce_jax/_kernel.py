@@ -326,6 +326,9 @@ def _reduced_jvp(formula, kind, layout, primals, tangents):
       preds = jnp.where(keep, preds, jnp.zeros((), preds.dtype))
     return _losses(formula, labels, preds, pos_weight, smoothing, safe=False)
 
+  # Scalars through a barrier, as _logsig.fresh: a smoothing or pos_weight
+  # broadcast shared with the value's reduction would be written out in full.
+  smoothing, pos_weight = jax.lax.optimization_barrier((smoothing, pos_weight))
   inputs = [y_true, y_pred, smoothing, pos_weight]
   active = [i for i, t in enumerate(tangents[:4]) if _active(t)]
 
