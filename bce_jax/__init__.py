@@ -8,23 +8,31 @@ Public API:
   masks, configs), a static pytree.
 * :class:`BinaryCrossentropyMetric` and its :class:`MetricState`: a streaming
   mean with ``init / update / merge / result``.
+* :func:`binary_focal_crossentropy`, :func:`binary_focal_crossentropy_elementwise`,
+  :class:`BinaryFocalCrossentropy` and :class:`BinaryFocalCrossentropyMetric`:
+  the focal loss (Lin et al., 2017) with the same API.
 * :func:`checked`: opt-in data-dependent value checks.
 """
 
 from bce_jax._bce import binary_crossentropy, binary_crossentropy_elementwise
 from bce_jax._checked import ValueCheckError, checked
-from bce_jax._loss import BinaryCrossentropy
-from bce_jax._metric import BinaryCrossentropyMetric, MetricState
+from bce_jax._focal import binary_focal_crossentropy, binary_focal_crossentropy_elementwise
+from bce_jax._loss import BinaryCrossentropy, BinaryFocalCrossentropy
+from bce_jax._metric import BinaryCrossentropyMetric, BinaryFocalCrossentropyMetric, MetricState
 
 __version__ = "0.1.0"
 
 __all__ = [
   "BinaryCrossentropy",
   "BinaryCrossentropyMetric",
+  "BinaryFocalCrossentropy",
+  "BinaryFocalCrossentropyMetric",
   "MetricState",
   "ValueCheckError",
   "__version__",
   "binary_crossentropy",
   "binary_crossentropy_elementwise",
+  "binary_focal_crossentropy",
+  "binary_focal_crossentropy_elementwise",
   "checked",
 ]

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 from jax.typing import ArrayLike
 
-from bce_jax import _bce, _reduce
+from bce_jax import _bce, _focal, _reduce
 from bce_jax._config import Config
 
 
@@ -127,3 +127,54 @@ class BinaryCrossentropy(Loss):
 
   def formula(self) -> _reduce.Formula:
     return _bce.formula(self.from_logits)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class BinaryFocalCrossentropy(Loss):
+  r"""Binary focal cross-entropy loss, as ``keras.losses.BinaryFocalCrossentropy``.
+
+  ``c (1 - p_t)**gamma BCE`` per element (see
+  :func:`bce_jax.binary_focal_crossentropy_elementwise`), averaged over
+  `axis`, then weighted, masked and reduced as :class:`BinaryCrossentropy`.
+
+  Args:
+    apply_class_balancing: whether to weight class 1 by `alpha` and class 0
+      by ``1 - alpha``.
+    alpha: the class-1 weight, in [0, 1].
+    gamma: the focusing exponent, ``>= 0``; 0 gives the BCE exactly.
+    from_logits: whether `y_pred` holds logits (recommended) or probabilities.
+    label_smoothing: `s` in [0, 1]; labels become ``y * (1 - s) + 0.5 * s``.
+    axis: axis or axes the element losses are averaged over.
+    reduction: as for :class:`BinaryCrossentropy`.
+    name: a name, for configs and logging.
+    pos_weight: weight of the positive BCE term only (beyond Keras), as for
+      :class:`BinaryCrossentropy`.
+
+  References:
+    Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017; Keras 3,
+    ``keras.losses.BinaryFocalCrossentropy``.
+
+  Examples:
+    >>> import jax.numpy as jnp, bce_jax
+    >>> y_true = jnp.array([[0, 1], [0, 0]])
+    >>> y_pred = jnp.array([[-18.6, 0.51], [2.94, -12.8]])
+    >>> loss = bce_jax.BinaryFocalCrossentropy(gamma=3, from_logits=True)
+    >>> print(f"{loss(y_true, y_pred):.3f}")
+    0.647
+    >>> print(f"{loss(y_true, y_pred, sample_weight=jnp.array([0.8, 0.2])):.3f}")
+    0.133
+  """
+
+  apply_class_balancing: bool = False
+  alpha: float = 0.25
+  gamma: float = 2.0
+  from_logits: bool = False
+  label_smoothing: float = 0.0
+  axis: int | tuple[int, ...] = -1
+  reduction: str | None = "sum_over_batch_size"
+  name: str = "binary_focal_crossentropy"
+  pos_weight: float | tuple[Any, ...] | None = None
+
+  def formula(self) -> _reduce.Formula:
+    return _focal.formula(self.from_logits, self.apply_class_balancing, self.alpha, self.gamma)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from bce_jax import _bce, _reduce
+from bce_jax import _bce, _focal, _reduce
 from bce_jax._config import Config
 
 _STATE_DTYPE = jnp.float32
@@ -253,6 +253,29 @@ class BinaryCrossentropyMetric(Metric):
     return _bce.formula(self.from_logits)
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class BinaryFocalCrossentropyMetric(Metric):
+  """The mean binary focal cross-entropy over a stream (Keras has no such metric).
+
+  The options are :class:`bce_jax.BinaryFocalCrossentropy`'s; the state,
+  weights and methods are :class:`BinaryCrossentropyMetric`'s.
+  """
+
+  apply_class_balancing: bool = False
+  alpha: float = 0.25
+  gamma: float = 2.0
+  from_logits: bool = False
+  label_smoothing: float = 0.0
+  name: str = "binary_focal_crossentropy"
+  _: dataclasses.KW_ONLY
+  axis: int | tuple[int, ...] = -1
+  pos_weight: float | tuple[float, ...] | None = None
+
+  def formula(self) -> _reduce.Formula:
+    return _focal.formula(self.from_logits, self.apply_class_balancing, self.alpha, self.gamma)
+
+
 def _init() -> MetricState:
   return MetricState(*(jnp.zeros((), _STATE_DTYPE) for _ in range(4)))
 
@@ -284,11 +307,25 @@ def _merge(state: MetricState, others: tuple[MetricState, ...]) -> MetricState:
   return state
 
 
+def _unsharded(leaf: jax.Array) -> jax.Array:
+  """`leaf` replicated if its type says it is sharded (explicit mesh axes).
+
+  A scan over a stack sharded on its leading axis is refused; the stack is
+  K scalars per field, so gathering it costs nothing.
+  """
+  sharding = getattr(jax.typeof(leaf), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if spec is not None and any(part is not None for part in spec):
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.sharding.reshard(leaf, replicated)
+  return leaf
+
+
 @jax.jit
 def _reduce_stacked(states: MetricState) -> MetricState:
-  first = jax.tree_util.tree_map(lambda a: a[0], states)
-  rest = jax.tree_util.tree_map(lambda a: a[1:], states)
-  return jax.lax.scan(lambda acc, s: (_merge_two(acc, s), None), first, rest)[0]
+  # From an empty state, merge by merge: merging into zeros is exact.
+  states = jax.tree_util.tree_map(_unsharded, states)
+  return jax.lax.scan(lambda acc, s: (_merge_two(acc, s), None), _init(), states)[0]
 
 
 @jax.jit

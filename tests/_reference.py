@@ -77,7 +77,7 @@ def mean_over(values, axis):
 
 def expand_weight(weight, shape):
   """A sample weight/mask as the per-sample loss shape, by the documented rules."""
-  weight = _f64(weight) if not np.asarray(weight).dtype == bool else np.asarray(weight)
+  weight = _f64(weight) if np.asarray(weight).dtype != bool else np.asarray(weight)
   if weight.ndim == len(shape) + 1 and weight.shape[-1] == 1:
     weight = weight[..., 0]
   if weight.ndim == 1 and len(shape) > 1 and weight.shape[0] == shape[0]:
@@ -86,7 +86,7 @@ def expand_weight(weight, shape):
 
 
 def reduce(per_sample, reduction, sample_weight=None, mask=None):
-  """Keras 3 reductions with the SPEC's fixes, in float64."""
+  """Keras 3 reductions with the README's "Differences from Keras 3", in float64."""
   per_sample = _f64(per_sample)
   shape = per_sample.shape
   w = np.ones(shape) if sample_weight is None else expand_weight(sample_weight, shape)
@@ -124,3 +124,104 @@ def metric_result(batches):
       total += (per_sample * weight).sum() / rest
       count += weight.sum() / rest
   return 0.0 if count == 0 else total / count
+
+
+# --------------------------------------------------------------------------
+# Binary focal cross-entropy (Keras 3's definition), in float64 log space.
+
+
+def _focal_parts(y, x, label_smoothing, gamma, alpha, pos_weight):
+  """Smoothed labels, class weight, factor, log(1 - p_t), BCE and its pieces for logits."""
+  y = smooth(y, label_smoothing)
+  x = _f64(x)
+  w = 1.0 if pos_weight is None else _f64(pos_weight)
+  c = 1.0 if alpha is None else alpha * y + (1.0 - alpha) * (1.0 - y)
+  sp, sp_neg = np.logaddexp(0.0, x), np.logaddexp(0.0, -x)  # -log(1 - p), -log(p)
+  with np.errstate(divide="ignore"):
+    # 1 - p_t = y (1 - p) + (1 - y) p, as logaddexp(log y - sp(x), log(1 - y) - sp(-x)).
+    log_q = np.logaddexp(np.log(y) - sp, np.log1p(-y) - sp_neg)
+  factor = np.ones_like(x) if gamma == 0 else np.exp(gamma * log_q)
+  bce = w * y * sp_neg + (1.0 - y) * sp
+  return y, w, c, factor, log_q, bce, sp, sp_neg
+
+
+def focal_elementwise(y, y_pred, from_logits=False, label_smoothing=0.0, gamma=2.0, alpha=None,
+                      pos_weight=None):
+  """Focal element losses ``c (1 - p_t)**gamma BCE``; `alpha` None: no class balancing.
+
+  For probabilities, ``1 - p_t`` uses the clipped probability, as the BCE does.
+  """
+  if from_logits:
+    _, _, c, factor, _, bce, _, _ = _focal_parts(
+        y, y_pred, label_smoothing, gamma, alpha, pos_weight)
+    return c * factor * bce
+  y = smooth(y, label_smoothing)
+  c = 1.0 if alpha is None else alpha * y + (1.0 - alpha) * (1.0 - y)
+  p = np.clip(_f64(y_pred), np.float32(KERAS_EPS), float(np.float32(1.0 - KERAS_EPS)))
+  factor = (y * (1.0 - p) + (1.0 - y) * p) ** gamma
+  return c * factor * elementwise(y, y_pred, pos_weight=pos_weight)
+
+
+def focal_derivatives_logits(y, x, label_smoothing=0.0, gamma=2.0, alpha=None, pos_weight=None):
+  """First and second derivatives in the logits, element by element.
+
+  With ``L = log(1 - p_t)``, ``k = 1 - 2y``, ``q = s (1 - s) / (1 - p_t)``,
+  ``s = sigmoid(x)``: ``L' = k q``, ``L'' = k q (1 - 2s) - (k q)**2``, and
+  ``f = c e^{gamma L} B`` gives ``f' = c F (gamma L' B + B')`` and
+  ``f'' = c F (gamma^2 L'^2 B + 2 gamma L' B' + gamma L'' B + B'')``.
+  """
+  y, w, c, factor, log_q, bce, sp, sp_neg = _focal_parts(
+      y, x, label_smoothing, gamma, alpha, pos_weight)
+  s, s_neg = sigmoid(x), sigmoid(-_f64(x))
+  q = np.exp(-sp - sp_neg - log_q)
+  d_log = (1.0 - 2.0 * y) * q
+  dd_log = d_log * (s_neg - s) - d_log**2
+  d_bce = (1.0 - y) * s - w * y * s_neg
+  dd_bce = (1.0 - y + w * y) * s * s_neg
+  grad = c * factor * (gamma * d_log * bce + d_bce)
+  hess = c * factor * (gamma**2 * d_log**2 * bce + 2 * gamma * d_log * d_bce
+                       + gamma * dd_log * bce + dd_bce)
+  return grad, hess
+
+
+def focal_gradient_scale(y, x, label_smoothing=0.0, gamma=2.0, alpha=None, pos_weight=None):
+  """The sum of the magnitudes of the logit gradient's terms.
+
+  ``(1 - y) s``, ``w y (1 - s)`` and ``gamma L' B``, times ``c F``: a
+  rounding of the terms moves the gradient by a few ulps of this, however
+  much they cancel (soft labels, near the gradient's zero).
+  """
+  y, w, c, factor, log_q, bce, sp, sp_neg = _focal_parts(
+      y, x, label_smoothing, gamma, alpha, pos_weight)
+  s, s_neg = sigmoid(x), sigmoid(-_f64(x))
+  d_log = (1.0 - 2.0 * y) * np.exp(-sp - sp_neg - log_q)
+  return np.abs(c * factor) * ((1.0 - y) * s + w * y * s_neg + gamma * np.abs(d_log) * bce)
+
+
+def focal_grad_labels_logits(y, x, gamma=2.0, alpha=None, pos_weight=None):
+  """d loss / d y for logits (no smoothing), and the sum of its terms' magnitudes."""
+  y, w, c, factor, log_q, bce, sp, sp_neg = _focal_parts(y, x, 0.0, gamma, alpha, pos_weight)
+  # d L / d y = (1 - 2 s) / (1 - p_t); times B as exp(log|1 - 2s| + log B - L).
+  s, s_neg = sigmoid(x), sigmoid(-_f64(x))
+  with np.errstate(divide="ignore"):
+    d_log_bce = np.sign(s_neg - s) * np.exp(np.log(np.abs(s_neg - s)) + np.log(bce) - log_q)
+  grad = c * factor * (gamma * d_log_bce + w * sp_neg - sp)
+  scale = np.abs(c * factor) * (gamma * np.abs(d_log_bce) + w * sp_neg + sp)
+  if alpha is not None:
+    grad = grad + (2 * alpha - 1) * factor * bce
+    scale = scale + np.abs((2 * alpha - 1) * factor * bce)
+  return grad, scale
+
+
+def focal_grad_probs(y, p, label_smoothing=0.0, gamma=2.0, alpha=None, pos_weight=None):
+  """d loss / d p at the clipped probability, and the sum of its terms' magnitudes."""
+  y = smooth(y, label_smoothing)
+  c = 1.0 if alpha is None else alpha * y + (1.0 - alpha) * (1.0 - y)
+  pc = np.clip(_f64(p), np.float32(KERAS_EPS), float(np.float32(1.0 - KERAS_EPS)))
+  one_minus_pt = y * (1.0 - pc) + (1.0 - y) * pc
+  bce = elementwise(y, p, pos_weight=pos_weight)
+  factor = one_minus_pt**gamma
+  d_bce = grad_probs(y, p, pos_weight=pos_weight)
+  w = 1.0 if pos_weight is None else _f64(pos_weight)
+  scale = np.abs(c * factor) * (gamma * bce / one_minus_pt + (1.0 - y) / (1.0 - pc) + w * y / pc)
+  return c * factor * (gamma * (1.0 - 2.0 * y) * bce / one_minus_pt + d_bce), scale
