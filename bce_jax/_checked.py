@@ -123,8 +123,8 @@ def _first_line(message: str) -> str:
   return first.replace(" (`check` failed)", "")
 
 
-def _value_check(ok: jax.Array, message: str, **fmt: jax.Array) -> None:
-  checkify.check(ok, message, **fmt)
+def _value_check(ok: jax.Array, message: str, *values: jax.Array) -> None:
+  checkify.check(ok, message, *values)
 
 
 def _as_float(x: jax.Array) -> jax.Array:
@@ -162,9 +162,7 @@ def check_in_unit_interval(
   valid = where & ~nan
   lo, hi = _range(x, valid)
   ok = ~jnp.any(valid & ((x < 0) | (x > 1)))
-  _value_check(
-    ok, f"{name} must hold {what} in [0, 1]; got values in [{{lo}}, {{hi}}].", lo=lo, hi=hi
-  )
+  _value_check(ok, f"{name} must hold {what} in [0, 1]; got values in [{{0}}, {{1}}].", lo, hi)
 
 
 def check_not_nan(name: str, x: jax.Array, what: str, where: jax.Array | None = None) -> None:
@@ -186,7 +184,7 @@ def check_non_negative(name: str, x: jax.Array, where: jax.Array | None = None) 
   nan = jnp.isnan(x)
   _value_check(~jnp.any(nan & where), f"{name} contains nan; expected weights >= 0.")
   lo, _ = _range(x, where & ~nan)
-  _value_check(~jnp.any(where & (x < 0)), f"{name} must be >= 0; got a minimum of {{lo}}.", lo=lo)
+  _value_check(~jnp.any(where & (x < 0)), f"{name} must be >= 0; got a minimum of {{0}}.", lo)
 
 
 def check_smoothing(label_smoothing: jax.Array) -> None:

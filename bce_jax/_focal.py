@@ -51,11 +51,10 @@ def _power(base: jax.Array, gamma: float) -> jax.Array:
   whole = math.floor(gamma)
   if 2 * gamma != round(2 * gamma) or gamma > _MAX_CHAIN:
     return jnp.exp(gamma * jnp.log(base))
-  out = jax.lax.integer_pow(base, whole) if whole else None
-  if gamma != whole:
-    root = jnp.sqrt(base)
-    out = root if out is None else out * root
-  return out
+  if gamma == whole:
+    return jax.lax.integer_pow(base, whole)
+  root = jnp.sqrt(base)
+  return root if whole == 0 else jax.lax.integer_pow(base, whole) * root
 
 
 def _sum_terms(terms: list[jax.Array], like: jax.Array) -> jax.Array:

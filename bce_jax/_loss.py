@@ -21,7 +21,7 @@ class Loss(Config):
 
   axis: int | tuple[int, ...]
   label_smoothing: float
-  reduction: str
+  reduction: str | None
 
   def formula(self) -> _reduce.Formula:
     raise NotImplementedError

@@ -87,8 +87,11 @@ def _check_state(state: Any, argname: str = "state", stacked: bool = False) -> M
     shape = getattr(value, "shape", None)
     dtype = getattr(value, "dtype", None)
     shapes.add(shape)
-    ok = dtype == _STATE_DTYPE and (len(shape) == 1 if stacked else shape == ())
-    if shape is None or not ok:
+    if shape is None or dtype != _STATE_DTYPE:
+      ok = False
+    else:
+      ok = len(shape) == 1 if stacked else shape == ()
+    if not ok:
       want = (
         "a float32 array of shape [K] (states stacked on axis 0)"
         if stacked
@@ -106,7 +109,9 @@ def _check_state(state: Any, argname: str = "state", stacked: bool = False) -> M
         f"`{argname}.{field.name}` must be {want}; got shape {shape} and dtype {dtype}.{hint}"
       )
   if len(shapes) != 1:
-    raise ValueError(f"The fields of `{argname}` have different shapes: {sorted(shapes)}.")
+    raise ValueError(
+      f"The fields of `{argname}` have different shapes: {sorted(map(str, shapes))}."
+    )
   return state
 
 
@@ -314,8 +319,9 @@ def _unsharded(leaf: jax.Array) -> jax.Array:
   K scalars per field, so gathering it costs nothing.
   """
   sharding = getattr(jax.typeof(leaf), "sharding", None)
-  spec = getattr(sharding, "spec", None)
-  if spec is not None and any(part is not None for part in spec):
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return leaf
+  if any(part is not None for part in sharding.spec):
     replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
     return jax.sharding.reshard(leaf, replicated)
   return leaf

@@ -74,11 +74,11 @@ def prepare_call(y_true, y_pred, label_smoothing, pos_weight, axis, sample_weigh
 def _layout(shape, axes, weight_shape, mask_shape) -> Layout:
   """The static layout of a call (the shape checks run once per combination)."""
   per_sample_shape = tuple(d for i, d in enumerate(shape) if i not in axes)
-  shapes = tuple(
-    None if given is None else _validate.weight_shape(name, given, per_sample_shape)
-    for name, given in (("sample_weight", weight_shape), ("mask", mask_shape))
-  )
-  return Layout(shape, axes, shapes)
+  if weight_shape is not None:
+    weight_shape = _validate.weight_shape("sample_weight", weight_shape, per_sample_shape)
+  if mask_shape is not None:
+    mask_shape = _validate.weight_shape("mask", mask_shape, per_sample_shape)
+  return Layout(shape, axes, (weight_shape, mask_shape))
 
 
 # --------------------------------------------------------------------------

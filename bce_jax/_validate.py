@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -124,7 +124,7 @@ def normalize_axis(axis: Any, ndim: int) -> tuple[int, ...]:
       f"binary_crossentropy_elementwise."
     )
   out = []
-  for a in axes:
+  for a in map(int, axes):
     if not -ndim <= a < ndim:
       raise ValueError(
         f"`axis` {axis!r} is out of range for inputs of rank {ndim}; expected "
@@ -186,7 +186,7 @@ def static_label_smoothing(label_smoothing: Any) -> float:
   return float(label_smoothing)
 
 
-def prod(shape: Sequence[int]) -> int:
+def prod(shape: Iterable[int]) -> int:
   return math.prod(int(d) for d in shape)
 
 
