@@ -23,17 +23,17 @@ def make_parser(description: str, *, epochs: int = 60) -> argparse.ArgumentParse
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--learning-rate", type=float, default=1e-3)
   parser.add_argument(
-      "--label-smoothing", type=float, default=0.0, help="s in [0, 1]: labels become y(1-s)+s/2"
+    "--label-smoothing", type=float, default=0.0, help="s in [0, 1]: labels become y(1-s)+s/2"
   )
   parser.add_argument(
-      "--pos-weight",
-      type=float,
-      default=None,
-      help="weight of the positive term (label 1, benign: 63%% of samples); default 1",
+    "--pos-weight",
+    type=float,
+    default=None,
+    help="weight of the positive term (label 1, benign: 63%% of samples); default 1",
   )
   parser.add_argument("--seed", type=int, default=0, help="split, shuffling and init seed")
   parser.add_argument(
-      "--plot", type=pathlib.Path, default=DEFAULT_PLOT, help="where to save the loss curves PNG"
+    "--plot", type=pathlib.Path, default=DEFAULT_PLOT, help="where to save the loss curves PNG"
   )
   parser.add_argument("--fast", action="store_true", help="5 epochs: a smoke test for CI")
   return parser
@@ -47,7 +47,7 @@ def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
 
 
 def load_breast_cancer_split(
-    seed: int = 0, val_fraction: float = 0.2
+  seed: int = 0, val_fraction: float = 0.2
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """scikit-learn's breast-cancer data (shipped with the package, no download).
 
@@ -60,20 +60,20 @@ def load_breast_cancer_split(
 
   x, y = load_breast_cancer(return_X_y=True)
   x_train, x_val, y_train, y_val = train_test_split(
-      x, y, test_size=val_fraction, random_state=seed, stratify=y
+    x, y, test_size=val_fraction, random_state=seed, stratify=y
   )
   mean, std = x_train.mean(axis=0), x_train.std(axis=0)
   x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
   return (
-      x_train.astype(np.float32),
-      y_train.astype(np.float32),
-      x_val.astype(np.float32),
-      y_val.astype(np.float32),
+    x_train.astype(np.float32),
+    y_train.astype(np.float32),
+    x_val.astype(np.float32),
+    y_val.astype(np.float32),
   )
 
 
 def train_batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Generator
+  x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Generator
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """One shuffled epoch of full batches (the remainder is dropped, so every
   batch has the same shape and the jitted step compiles once)."""
@@ -84,7 +84,7 @@ def train_batches(
 
 
 def eval_batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int
+  x: np.ndarray, y: np.ndarray, batch_size: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """Every sample once, in batches of one fixed shape: the last batch is
   padded, and the padding is marked False in the returned `mask`."""
@@ -116,7 +116,7 @@ def save_loss_curves(history: dict[str, list[float]], path: pathlib.Path, title:
 
 
 def print_summary(
-    *, train_loss: float, val_loss: float, val_accuracy: float, metric: float, seconds: float
+  *, train_loss: float, val_loss: float, val_accuracy: float, metric: float, seconds: float
 ) -> None:
   """The human-readable summary and one `RESULT key=value ...` line for tests."""
   print(f"train loss      {train_loss:.4f}")
@@ -125,6 +125,6 @@ def print_summary(
   print(f"val accuracy    {val_accuracy:.4f}")
   print(f"training time   {seconds:.1f} s")
   print(
-      f"RESULT train_loss={train_loss:.6f} val_loss={val_loss:.6f} "
-      f"val_accuracy={val_accuracy:.6f} metric={metric:.6f}"
+    f"RESULT train_loss={train_loss:.6f} val_loss={val_loss:.6f} "
+    f"val_accuracy={val_accuracy:.6f} metric={metric:.6f}"
   )

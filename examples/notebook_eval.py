@@ -64,14 +64,16 @@ def main() -> None:
   true_w = rng.normal(size=(features, 1)).astype(np.float32)
   y = (rng.uniform(size=samples) < 1 / (1 + np.exp(-(x @ true_w)[:, 0]))).astype(np.float32)
   params = {
-      "w": jnp.asarray(true_w + 0.3 * rng.normal(size=true_w.shape).astype(np.float32)),
-      "b": jnp.zeros((1,), jnp.float32),
+    "w": jnp.asarray(true_w + 0.3 * rng.normal(size=true_w.shape).astype(np.float32)),
+    "b": jnp.zeros((1,), jnp.float32),
   }
 
   mask = np.ones(samples, bool)
   batches = [to_batches(a, args.batch_size) for a in (x, y, mask)]
-  print(f"{samples} samples in {batches[0].shape[0]} batches of {args.batch_size} "
-        f"(last one padded with {batches[0].shape[0] * args.batch_size - samples} masked rows)")
+  print(
+    f"{samples} samples in {batches[0].shape[0]} batches of {args.batch_size} "
+    f"(last one padded with {batches[0].shape[0] * args.batch_size - samples} masked rows)"
+  )
 
   state = evaluate(params, *batches)
   streamed = float(metric.result(state))
@@ -92,11 +94,15 @@ def main() -> None:
   print(f"one-shot loss       {one_shot_loss:.8f}")
   print(f"float64 reference   {reference:.8f}")
   scan_vs_one_shot = abs(streamed - one_shot_metric) / one_shot_metric
-  print(f"relative diff: scan vs one-shot {scan_vs_one_shot:.2e}, scan vs float64 "
-        f"{rel(streamed):.2e}, one-shot vs float64 {rel(one_shot_metric):.2e}")
+  print(
+    f"relative diff: scan vs one-shot {scan_vs_one_shot:.2e}, scan vs float64 "
+    f"{rel(streamed):.2e}, one-shot vs float64 {rel(one_shot_metric):.2e}"
+  )
   assert scan_vs_one_shot < 1e-5 and rel(streamed) < 1e-5, (scan_vs_one_shot, rel(streamed))
-  print(f"RESULT scan={streamed:.8f} one_shot={one_shot_metric:.8f} reference={reference:.8f} "
-        f"scan_rel_err={rel(streamed):.3e}")
+  print(
+    f"RESULT scan={streamed:.8f} one_shot={one_shot_metric:.8f} reference={reference:.8f} "
+    f"scan_rel_err={rel(streamed):.3e}"
+  )
 
 
 if __name__ == "__main__":

@@ -58,37 +58,78 @@ def _cases() -> list[tuple[str, Callable[[], jax.Array], list[str], bool]]:
   """(description, computation, printed reference values, is float64)."""
   logits_loss = bce_jax.BinaryCrossentropy(from_logits=True)
   return [
-      ("loss: BinaryCrossentropy()", lambda: bce_jax.BinaryCrossentropy()(Y_TRUE, Y_PROB),
-       ["0.815"], False),
-      ("loss: sample_weight=[1, 0]",
-       lambda: bce_jax.BinaryCrossentropy()(Y_TRUE, Y_PROB, sample_weight=[1.0, 0.0]),
-       ["0.458"], False),
-      ("loss: reduction='sum'",
-       lambda: bce_jax.BinaryCrossentropy(reduction="sum")(Y_TRUE, Y_PROB), ["1.630"], False),
-      ("loss: reduction=None",
-       lambda: bce_jax.BinaryCrossentropy(reduction=None)(Y_TRUE, Y_PROB),
-       ["0.916", "0.714"], False),
-      ("function: binary_crossentropy",
-       lambda: bce_jax.binary_crossentropy(Y_TRUE, Y_PROB), ["0.916", "0.714"], False),
-      ("R function, float64", _r_function_float64, ["0.91629073", "0.71355818"], True),
-      ("R logits: 1 sample of 4",
-       lambda: logits_loss(_f32(R_TRUE), _f32(R_LOGITS)), ["0.865458"], False),
-      ("R logits: 2 samples of 2",
-       lambda: logits_loss(_f32(R_TRUE_2x2), _f32(R_LOGITS_2x2)), ["0.865458"], False),
-      ("R logits: sample_weight=c(0.8, 0.2)",
-       lambda: logits_loss(_f32(R_TRUE_2x2), _f32(R_LOGITS_2x2), sample_weight=_f32([0.8, 0.2])),
-       ["0.2436386"], False),
-      ("R logits: reduction='sum'",
-       lambda: bce_jax.BinaryCrossentropy(from_logits=True, reduction="sum")(
-           _f32(R_TRUE_2x2), _f32(R_LOGITS_2x2)),
-       ["1.730916"], False),
-      ("R logits: reduction=NULL",
-       lambda: bce_jax.BinaryCrossentropy(from_logits=True, reduction=None)(
-           _f32(R_TRUE_2x2), _f32(R_LOGITS_2x2)),
-       ["0.23515666", "1.4957594"], False),
-      ("metric: update_state", _metric_value, ["0.81492424"], False),
-      ("metric: sample_weight=[1, 0]",
-       lambda: _metric_value(sample_weight=_f32([1.0, 0.0])), ["0.9162905"], False),
+    (
+      "loss: BinaryCrossentropy()",
+      lambda: bce_jax.BinaryCrossentropy()(Y_TRUE, Y_PROB),
+      ["0.815"],
+      False,
+    ),
+    (
+      "loss: sample_weight=[1, 0]",
+      lambda: bce_jax.BinaryCrossentropy()(Y_TRUE, Y_PROB, sample_weight=[1.0, 0.0]),
+      ["0.458"],
+      False,
+    ),
+    (
+      "loss: reduction='sum'",
+      lambda: bce_jax.BinaryCrossentropy(reduction="sum")(Y_TRUE, Y_PROB),
+      ["1.630"],
+      False,
+    ),
+    (
+      "loss: reduction=None",
+      lambda: bce_jax.BinaryCrossentropy(reduction=None)(Y_TRUE, Y_PROB),
+      ["0.916", "0.714"],
+      False,
+    ),
+    (
+      "function: binary_crossentropy",
+      lambda: bce_jax.binary_crossentropy(Y_TRUE, Y_PROB),
+      ["0.916", "0.714"],
+      False,
+    ),
+    ("R function, float64", _r_function_float64, ["0.91629073", "0.71355818"], True),
+    (
+      "R logits: 1 sample of 4",
+      lambda: logits_loss(_f32(R_TRUE), _f32(R_LOGITS)),
+      ["0.865458"],
+      False,
+    ),
+    (
+      "R logits: 2 samples of 2",
+      lambda: logits_loss(_f32(R_TRUE_2x2), _f32(R_LOGITS_2x2)),
+      ["0.865458"],
+      False,
+    ),
+    (
+      "R logits: sample_weight=c(0.8, 0.2)",
+      lambda: logits_loss(_f32(R_TRUE_2x2), _f32(R_LOGITS_2x2), sample_weight=_f32([0.8, 0.2])),
+      ["0.2436386"],
+      False,
+    ),
+    (
+      "R logits: reduction='sum'",
+      lambda: bce_jax.BinaryCrossentropy(from_logits=True, reduction="sum")(
+        _f32(R_TRUE_2x2), _f32(R_LOGITS_2x2)
+      ),
+      ["1.730916"],
+      False,
+    ),
+    (
+      "R logits: reduction=NULL",
+      lambda: bce_jax.BinaryCrossentropy(from_logits=True, reduction=None)(
+        _f32(R_TRUE_2x2), _f32(R_LOGITS_2x2)
+      ),
+      ["0.23515666", "1.4957594"],
+      False,
+    ),
+    ("metric: update_state", _metric_value, ["0.81492424"], False),
+    (
+      "metric: sample_weight=[1, 0]",
+      lambda: _metric_value(sample_weight=_f32([1.0, 0.0])),
+      ["0.9162905"],
+      False,
+    ),
   ]
 
 
@@ -120,9 +161,9 @@ def main() -> int:
     print(f"{description:<38} {shown:<24} {' '.join(reference):<24} {'yes' if ok else 'NO'}")
   print()
   print(
-      "Note: the metric page's values (0.81492424, 0.9162905) come from tf.keras 2, which\n"
-      "takes log(p + 1e-7); Keras 3 clips and takes log(p), and prints 0.8149245 and\n"
-      "0.91629076, as bce_jax does (within 4 float32 epsilons of the printed values)."
+    "Note: the metric page's values (0.81492424, 0.9162905) come from tf.keras 2, which\n"
+    "takes log(p + 1e-7); Keras 3 clips and takes log(p), and prints 0.8149245 and\n"
+    "0.91629076, as bce_jax does (within 4 float32 epsilons of the printed values)."
   )
   print(f"\n{len(_cases()) - failures} of {len(_cases())} examples match.")
   return 1 if failures else 0

@@ -73,8 +73,10 @@ def main() -> None:
   one = loss_step(*(jax.device_put(a, single_device) for a in (y, logits, weights)))
   sharded = loss_step(y_s, logits_s, weights_s)
   loss_diff = relative(sharded, one)
-  print(f"loss   single device {float(one):.8f}   sharded {float(sharded):.8f}   "
-        f"relative diff {loss_diff:.2e}")
+  print(
+    f"loss   single device {float(one):.8f}   sharded {float(sharded):.8f}   "
+    f"relative diff {loss_diff:.2e}"
+  )
 
   # 2. The metric: each device updates a state with its own rows.
   metric = bce_jax.BinaryCrossentropyMetric(from_logits=True)
@@ -107,16 +109,22 @@ def main() -> None:
   one_pass = metric.result(metric.update(metric.init(), y, logits, sample_weight=weights))
   psum_vs_merge, merge_vs_one = relative(summed, merged), relative(merged, one_pass)
   reduce_vs_merge = relative(reduced, merged)
-  print(f"metric psum {float(summed):.8f}   reduce {float(reduced):.8f}   "
-        f"merge {float(merged):.8f}   one pass {float(one_pass):.8f}")
-  print(f"relative diff: psum vs merge {psum_vs_merge:.2e}, reduce vs merge "
-        f"{reduce_vs_merge:.2e}, merge vs one pass {merge_vs_one:.2e}")
+  print(
+    f"metric psum {float(summed):.8f}   reduce {float(reduced):.8f}   "
+    f"merge {float(merged):.8f}   one pass {float(one_pass):.8f}"
+  )
+  print(
+    f"relative diff: psum vs merge {psum_vs_merge:.2e}, reduce vs merge "
+    f"{reduce_vs_merge:.2e}, merge vs one pass {merge_vs_one:.2e}"
+  )
 
   assert loss_diff < 1e-6, loss_diff
   assert psum_vs_merge < 1e-6 and merge_vs_one < 1e-6, (psum_vs_merge, merge_vs_one)
   assert reduce_vs_merge == 0.0, reduce_vs_merge
-  print(f"RESULT loss_rel_diff={loss_diff:.3e} psum_vs_merge={psum_vs_merge:.3e} "
-        f"merge_vs_one_pass={merge_vs_one:.3e} metric={float(summed):.8f}")
+  print(
+    f"RESULT loss_rel_diff={loss_diff:.3e} psum_vs_merge={psum_vs_merge:.3e} "
+    f"merge_vs_one_pass={merge_vs_one:.3e} metric={float(summed):.8f}"
+  )
 
 
 if __name__ == "__main__":

@@ -29,16 +29,14 @@ def main() -> None:
   x_train, y_train, x_val, y_val = _common.load_breast_cancer_split(args.seed)
 
   loss_fn = bce_jax.BinaryCrossentropy(
-      from_logits=True, label_smoothing=args.label_smoothing, pos_weight=args.pos_weight
+    from_logits=True, label_smoothing=args.label_smoothing, pos_weight=args.pos_weight
   )
   metric = bce_jax.BinaryCrossentropyMetric(
-      from_logits=True, label_smoothing=args.label_smoothing, pos_weight=args.pos_weight
+    from_logits=True, label_smoothing=args.label_smoothing, pos_weight=args.pos_weight
   )
 
   # One hidden layer of 32 ReLU units; maps a [30] vector to a [1] logit.
-  model = eqx.nn.MLP(
-      x_train.shape[1], 1, width_size=32, depth=1, key=jax.random.key(args.seed)
-  )
+  model = eqx.nn.MLP(x_train.shape[1], 1, width_size=32, depth=1, key=jax.random.key(args.seed))
   optimizer = optax.adam(args.learning_rate)
   opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
 
@@ -78,11 +76,11 @@ def main() -> None:
   metric_value, val_accuracy = evaluate(model, x_val, y_val)
   _common.save_loss_curves(history, args.plot, "Equinox MLP, breast cancer")
   _common.print_summary(
-      train_loss=evaluate(model, x_train, y_train)[0],
-      val_loss=float(loss_fn(y_val, jax.vmap(model)(x_val))),
-      val_accuracy=val_accuracy,
-      metric=metric_value,
-      seconds=seconds,
+    train_loss=evaluate(model, x_train, y_train)[0],
+    val_loss=float(loss_fn(y_val, jax.vmap(model)(x_val))),
+    val_accuracy=val_accuracy,
+    metric=metric_value,
+    seconds=seconds,
   )
 
 

@@ -46,10 +46,10 @@ def main() -> None:
   # The loss and the metric are frozen, hashable configs with no array
   # leaves: closing over them in a jitted function never causes a retrace.
   loss_fn = bce_jax.BinaryCrossentropy(
-      from_logits=True, label_smoothing=args.label_smoothing, pos_weight=args.pos_weight
+    from_logits=True, label_smoothing=args.label_smoothing, pos_weight=args.pos_weight
   )
   metric = bce_jax.BinaryCrossentropyMetric(
-      from_logits=True, label_smoothing=args.label_smoothing, pos_weight=args.pos_weight
+    from_logits=True, label_smoothing=args.label_smoothing, pos_weight=args.pos_weight
   )
 
   model = MLP(x_train.shape[1], 32, rngs=nnx.Rngs(args.seed))
@@ -88,8 +88,8 @@ def main() -> None:
   with tqdm.trange(args.epochs, desc="flax", unit="epoch") as bar:
     for _ in bar:
       losses = [
-          train_step(model, optimizer, xb, yb)
-          for xb, yb in _common.train_batches(x_train, y_train, args.batch_size, shuffle_rng)
+        train_step(model, optimizer, xb, yb)
+        for xb, yb in _common.train_batches(x_train, y_train, args.batch_size, shuffle_rng)
       ]
       history["train"].append(float(jnp.mean(jnp.stack(losses))))
       history["validation"].append(evaluate(x_val, y_val)[0])
@@ -101,11 +101,11 @@ def main() -> None:
   val_loss = float(loss_fn(y_val, model(x_val)))  # one shot, for comparison
   _common.save_loss_curves(history, args.plot, "Flax NNX MLP, breast cancer")
   _common.print_summary(
-      train_loss=train_loss,
-      val_loss=val_loss,
-      val_accuracy=val_accuracy,
-      metric=metric_value,
-      seconds=seconds,
+    train_loss=train_loss,
+    val_loss=val_loss,
+    val_accuracy=val_accuracy,
+    metric=metric_value,
+    seconds=seconds,
   )
 
 

@@ -31,10 +31,10 @@ def main() -> None:
   x_train, y_train, x_val, y_val = _common.load_breast_cancer_split(args.seed)
 
   loss_fn = bce_jax.BinaryCrossentropy(
-      from_logits=True, label_smoothing=args.label_smoothing, pos_weight=args.pos_weight
+    from_logits=True, label_smoothing=args.label_smoothing, pos_weight=args.pos_weight
   )
   metric = bce_jax.BinaryCrossentropyMetric(
-      from_logits=True, label_smoothing=args.label_smoothing, pos_weight=args.pos_weight
+    from_logits=True, label_smoothing=args.label_smoothing, pos_weight=args.pos_weight
   )
 
   model = hk.without_apply_rng(hk.transform(forward))
@@ -75,11 +75,11 @@ def main() -> None:
   metric_value, val_accuracy = evaluate(params, x_val, y_val)
   _common.save_loss_curves(history, args.plot, "Haiku MLP, breast cancer")
   _common.print_summary(
-      train_loss=evaluate(params, x_train, y_train)[0],
-      val_loss=float(loss_fn(y_val, model.apply(params, x_val))),
-      val_accuracy=val_accuracy,
-      metric=metric_value,
-      seconds=seconds,
+    train_loss=evaluate(params, x_train, y_train)[0],
+    val_loss=float(loss_fn(y_val, model.apply(params, x_val))),
+    val_accuracy=val_accuracy,
+    metric=metric_value,
+    seconds=seconds,
   )
 
 

@@ -27,8 +27,7 @@ def sigmoid(x):
   return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-def elementwise(y, y_pred, from_logits=False, label_smoothing=0.0, pos_weight=None,
-                clip_hi=None):
+def elementwise(y, y_pred, from_logits=False, label_smoothing=0.0, pos_weight=None, clip_hi=None):
   """Element losses in float64.
 
   For probabilities, the clip is Keras's: ``[1e-7, clip_hi]`` where
@@ -145,15 +144,17 @@ def _focal_parts(y, x, label_smoothing, gamma, alpha, pos_weight):
   return y, w, c, factor, log_q, bce, sp, sp_neg
 
 
-def focal_elementwise(y, y_pred, from_logits=False, label_smoothing=0.0, gamma=2.0, alpha=None,
-                      pos_weight=None):
+def focal_elementwise(
+  y, y_pred, from_logits=False, label_smoothing=0.0, gamma=2.0, alpha=None, pos_weight=None
+):
   """Focal element losses ``c (1 - p_t)**gamma BCE``; `alpha` None: no class balancing.
 
   For probabilities, ``1 - p_t`` uses the clipped probability, as the BCE does.
   """
   if from_logits:
     _, _, c, factor, _, bce, _, _ = _focal_parts(
-        y, y_pred, label_smoothing, gamma, alpha, pos_weight)
+      y, y_pred, label_smoothing, gamma, alpha, pos_weight
+    )
     return c * factor * bce
   y = smooth(y, label_smoothing)
   c = 1.0 if alpha is None else alpha * y + (1.0 - alpha) * (1.0 - y)
@@ -171,7 +172,8 @@ def focal_derivatives_logits(y, x, label_smoothing=0.0, gamma=2.0, alpha=None, p
   ``f'' = c F (gamma^2 L'^2 B + 2 gamma L' B' + gamma L'' B + B'')``.
   """
   y, w, c, factor, log_q, bce, sp, sp_neg = _focal_parts(
-      y, x, label_smoothing, gamma, alpha, pos_weight)
+    y, x, label_smoothing, gamma, alpha, pos_weight
+  )
   s, s_neg = sigmoid(x), sigmoid(-_f64(x))
   q = np.exp(-sp - sp_neg - log_q)
   d_log = (1.0 - 2.0 * y) * q
@@ -179,8 +181,11 @@ def focal_derivatives_logits(y, x, label_smoothing=0.0, gamma=2.0, alpha=None, p
   d_bce = (1.0 - y) * s - w * y * s_neg
   dd_bce = (1.0 - y + w * y) * s * s_neg
   grad = c * factor * (gamma * d_log * bce + d_bce)
-  hess = c * factor * (gamma**2 * d_log**2 * bce + 2 * gamma * d_log * d_bce
-                       + gamma * dd_log * bce + dd_bce)
+  hess = (
+    c
+    * factor
+    * (gamma**2 * d_log**2 * bce + 2 * gamma * d_log * d_bce + gamma * dd_log * bce + dd_bce)
+  )
   return grad, hess
 
 
@@ -192,7 +197,8 @@ def focal_gradient_scale(y, x, label_smoothing=0.0, gamma=2.0, alpha=None, pos_w
   much they cancel (soft labels, near the gradient's zero).
   """
   y, w, c, factor, log_q, bce, sp, sp_neg = _focal_parts(
-      y, x, label_smoothing, gamma, alpha, pos_weight)
+    y, x, label_smoothing, gamma, alpha, pos_weight
+  )
   s, s_neg = sigmoid(x), sigmoid(-_f64(x))
   d_log = (1.0 - 2.0 * y) * np.exp(-sp - sp_neg - log_q)
   return np.abs(c * factor) * ((1.0 - y) * s + w * y * s_neg + gamma * np.abs(d_log) * bce)

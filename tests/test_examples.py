@@ -39,17 +39,17 @@ def _require(*modules: str, extra: str) -> None:
 def _run(script: str, *args: str, env: dict[str, str] | None = None) -> str:
   """Runs `examples/<script> --fast *args`; returns its stdout."""
   proc = subprocess.run(
-      [sys.executable, str(EXAMPLES / script), "--fast", *args],
-      check=False,  # a failure is reported below, with the output
-      cwd=ROOT,
-      env={**os.environ, **(env or {})},
-      capture_output=True,
-      text=True,
-      timeout=300,
+    [sys.executable, str(EXAMPLES / script), "--fast", *args],
+    check=False,  # a failure is reported below, with the output
+    cwd=ROOT,
+    env={**os.environ, **(env or {})},
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert proc.returncode == 0, (
-      f"{script} exited with {proc.returncode}\n--- stdout\n{proc.stdout}\n"
-      f"--- stderr (tail)\n{proc.stderr[-4000:]}"
+    f"{script} exited with {proc.returncode}\n--- stdout\n{proc.stdout}\n"
+    f"--- stderr (tail)\n{proc.stderr[-4000:]}"
   )
   return proc.stdout
 
@@ -68,13 +68,13 @@ def test_quickstart_matches_every_seed_value():
 
 
 @pytest.mark.parametrize(
-    "script, framework, extra_args",
-    [
-        # The main example also runs with both loss options switched on.
-        ("train_flax.py", "flax", ("--label-smoothing", "0.05", "--pos-weight", "0.8")),
-        ("train_haiku.py", "haiku", ()),
-        ("train_equinox.py", "equinox", ()),
-    ],
+  "script, framework, extra_args",
+  [
+    # The main example also runs with both loss options switched on.
+    ("train_flax.py", "flax", ("--label-smoothing", "0.05", "--pos-weight", "0.8")),
+    ("train_haiku.py", "haiku", ()),
+    ("train_equinox.py", "equinox", ()),
+  ],
 )
 def test_training_example(tmp_path, script, framework, extra_args):
   _require(framework, *TRAINING_DEPS, extra="examples")
