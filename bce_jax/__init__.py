@@ -11,6 +11,8 @@ Public API:
 * :func:`binary_focal_crossentropy`, :func:`binary_focal_crossentropy_elementwise`,
   :class:`BinaryFocalCrossentropy` and :class:`BinaryFocalCrossentropyMetric`:
   the focal loss (Lin et al., 2017) with the same API.
+* :func:`pairwise_sigmoid_loss` and :class:`PairwiseSigmoidLoss`: the pairwise
+  sigmoid loss of SigLIP (Zhai et al., 2023), blockwise and across devices.
 * :func:`checked`: opt-in data-dependent value checks.
 """
 
@@ -19,6 +21,7 @@ from bce_jax._checked import ValueCheckError, checked
 from bce_jax._focal import binary_focal_crossentropy, binary_focal_crossentropy_elementwise
 from bce_jax._loss import BinaryCrossentropy, BinaryFocalCrossentropy
 from bce_jax._metric import BinaryCrossentropyMetric, BinaryFocalCrossentropyMetric, MetricState
+from bce_jax._pairwise import PairwiseSigmoidLoss, pairwise_sigmoid_loss
 
 __version__ = "0.1.0"
 
@@ -28,6 +31,7 @@ __all__ = [
   "BinaryFocalCrossentropy",
   "BinaryFocalCrossentropyMetric",
   "MetricState",
+  "PairwiseSigmoidLoss",
   "ValueCheckError",
   "__version__",
   "binary_crossentropy",
@@ -35,4 +39,5 @@ __all__ = [
   "binary_focal_crossentropy",
   "binary_focal_crossentropy_elementwise",
   "checked",
+  "pairwise_sigmoid_loss",
 ]

@@ -110,6 +110,21 @@ def test_sharded_eval_on_8_cpu_devices():
   assert result["merge_vs_one_pass"] < 1e-6, result
 
 
+def test_train_siglip_ring_loss_on_8_cpu_devices(tmp_path):
+  _require("flax", *TRAINING_DEPS, extra="examples")
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:
+    flags = f"{flags} --xla_force_host_platform_device_count=8".strip()
+  plot = tmp_path / "siglip.png"
+  stdout = _run("train_siglip.py", "--plot", str(plot), env={"XLA_FLAGS": flags})
+  assert "mesh: 8 x" in stdout, stdout
+  result = _result(stdout)
+  assert result["val_top1"] >= 0.8, result
+  assert result["ring_rel_diff"] < 1e-6, result
+  assert result["train_loss"] < 100, result
+  assert plot.read_bytes().startswith(b"\x89PNG"), plot
+
+
 def test_notebook_eval_scan_equals_one_shot():
   result = _result(_run("notebook_eval.py"))
   assert result["scan"] == pytest.approx(result["one_shot"], rel=1e-6), result
