@@ -14,7 +14,10 @@ F32_EPS = float(np.finfo(np.float32).eps)
 F32_MAX = float(np.finfo(np.float32).max)
 
 shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=5)
-labels_elem = st.floats(0.0, 1.0, width=32)
+# Labels below float32's smallest normal are left out: XLA on CPU flushes
+# subnormals to 0, so a label of 6e-39 is computed as 0 (the reference flushes
+# its results the same way, but not its inputs).
+labels_elem = st.floats(0.0, 1.0, width=32).filter(lambda v: v == 0 or v >= 2.0**-126)
 logits_elem = st.one_of(
   st.floats(-50.0, 50.0, width=32),
   st.floats(-F32_MAX, F32_MAX, width=32),
@@ -140,4 +143,8 @@ def test_loss_object_mean_equals_mean_of_function(case):
   if y.ndim < 2:
     y, x = y[:, None], x[:, None]
   loss, mean_per_sample = _loss_and_per_sample(y, x)
-  np.testing.assert_allclose(float(loss), float(mean_per_sample), rtol=4 * F32_EPS, atol=1e-7)
+  # Two float32 sums of the same n terms in different orders: each is within
+  # (n - 1) eps of the exact sum (relative to the sum of |terms|, which equals
+  # the sum here: losses are >= 0).
+  rtol = max(4, y.size - 1) * F32_EPS
+  np.testing.assert_allclose(float(loss), float(mean_per_sample), rtol=rtol, atol=1e-7)
