@@ -143,6 +143,18 @@ def _range(x: jax.Array, where: jax.Array) -> tuple[jax.Array, jax.Array]:
   return lo, hi
 
 
+def _not_nan(
+  name: str, x: jax.Array, expected: str, where: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+  """Checks `x` for nan where `where` holds; returns `x` as float and the
+  elements left to check (checked and not nan)."""
+  x = _as_float(x)
+  where = jnp.ones(x.shape, bool) if where is None else jnp.broadcast_to(where, x.shape)
+  nan = jnp.isnan(x)
+  _value_check(~jnp.any(nan & where), f"{name} contains nan; expected {expected}.")
+  return x, where & ~nan
+
+
 def check_in_unit_interval(
   name: str, x: jax.Array, what: str, where: jax.Array | None = None
 ) -> None:
@@ -155,11 +167,7 @@ def check_in_unit_interval(
   """
   if not value_checks_on():
     return
-  x = _as_float(x)
-  where = jnp.ones(x.shape, bool) if where is None else jnp.broadcast_to(where, x.shape)
-  nan = jnp.isnan(x)
-  _value_check(~jnp.any(nan & where), f"{name} contains nan; expected {what} in [0, 1].")
-  valid = where & ~nan
+  x, valid = _not_nan(name, x, f"{what} in [0, 1]", where)
   lo, hi = _range(x, valid)
   ok = ~jnp.any(valid & ((x < 0) | (x > 1)))
   _value_check(ok, f"{name} must hold {what} in [0, 1]; got values in [{{0}}, {{1}}].", lo, hi)
@@ -179,12 +187,9 @@ def check_non_negative(name: str, x: jax.Array, where: jax.Array | None = None) 
   """Value check: `x` is >= 0 and has no nan, where `where` holds."""
   if not value_checks_on():
     return
-  x = _as_float(x)
-  where = jnp.ones(x.shape, bool) if where is None else jnp.broadcast_to(where, x.shape)
-  nan = jnp.isnan(x)
-  _value_check(~jnp.any(nan & where), f"{name} contains nan; expected weights >= 0.")
-  lo, _ = _range(x, where & ~nan)
-  _value_check(~jnp.any(where & (x < 0)), f"{name} must be >= 0; got a minimum of {{0}}.", lo)
+  x, valid = _not_nan(name, x, "weights >= 0", where)
+  lo, _ = _range(x, valid)
+  _value_check(~jnp.any(valid & (x < 0)), f"{name} must be >= 0; got a minimum of {{0}}.", lo)
 
 
 def check_smoothing(label_smoothing: jax.Array) -> None:
