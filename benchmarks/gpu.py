@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
       run,
       config["pairwise_b"],
       config["pairwise_d"],
-      ["bfloat16", "float32"],
+      ["bfloat16"] if args.smoke else ["bfloat16", "float32"],
       config["pairwise_blocks"],
       args.pairwise_impl,
       effort,

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import timing
 
-TRIAL_S = 0.02  # a trial of a fast call lasts about this long
+TRIAL_S = 0.01  # a trial of a fast call lasts about this long
 MAX_CALLS_PER_TRIAL = 50
 GIB = 1 << 30
 

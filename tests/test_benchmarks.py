@@ -17,8 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Literal
+from unittest import mock
 
 from absl.testing import absltest
+
+import bce_jax
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
@@ -33,6 +37,13 @@ def _import_benchmarks():
   import timing
 
   return gpu_common, timing
+
+
+def _import_sweeps():
+  _import_benchmarks()
+  import gpu_sweeps
+
+  return gpu_sweeps
 
 
 class SmokeRunTest(absltest.TestCase):
@@ -108,7 +119,7 @@ class SmokeRunTest(absltest.TestCase):
     for key in ("copy_bytes_per_s", "read_bytes_per_s", "matmul_flop_per_s"):
       self.assertGreater(ceilings[key], 0, key)
     pairwise = self.record["sections"]["pairwise"]
-    self.assertEqual({c["dtype"] for c in pairwise}, {"bfloat16", "float32"})
+    self.assertEqual([c["dtype"] for c in pairwise], ["bfloat16"])
     for cell in pairwise:
       impls = cell["impls"]
       for name in ("default", "block 32", "dense"):
@@ -183,6 +194,67 @@ class GuardTest(absltest.TestCase):
     self.assertIn("budget", skipped["skipped"])
     self.assertEqual([c["i"] for c in run.sections["s"]], [0, 1, 2])
     self.assertEqual(run.skipped, 1)
+
+
+class FeatureDetectionTest(absltest.TestCase):
+  """Implementations being built elsewhere join the sweeps as soon as they exist."""
+
+  def _pairwise(self, **kwargs) -> dict:
+    gpu_common, _ = _import_benchmarks()
+    run = gpu_common.Run(budget_s=600.0)
+    sweeps = _import_sweeps()
+    sweeps.pairwise_cells(run, [16], 8, ["float32"], [], [], gpu_common.SMOKE_EFFORT, None)
+    (cell,) = run.sections["pairwise"]
+    return cell["impls"]
+
+  def test_pairwise_without_an_implementation_argument_says_so(self):
+    impls = self._pairwise()
+    self.assertEqual(
+      impls["implementation="]["status"],
+      "not available: pairwise_sigmoid_loss has no implementation= argument",
+    )
+    self.assertGreater(impls["default"]["seconds"], 0)
+
+  def test_pairwise_times_each_implementation_its_annotation_names(self):
+    real = bce_jax.pairwise_sigmoid_loss
+    seen = []
+
+    def with_kernel(
+      x, y, *, scale, bias, block_size=None, implementation: Literal["xla", "fused"] = "xla"
+    ):
+      seen.append(implementation)
+      return real(x, y, scale=scale, bias=bias, block_size=block_size)
+
+    with mock.patch.object(bce_jax, "pairwise_sigmoid_loss", with_kernel):
+      impls = self._pairwise()
+    self.assertNotIn("implementation=", impls)
+    self.assertNotIn("implementation=xla", impls)  # the default is the "default" column
+    self.assertGreater(impls["implementation=fused"]["seconds"], 0)
+    self.assertLess(impls["implementation=fused"]["value_rel_diff"], 1e-5)
+    self.assertIn("fused", seen)
+
+  def test_linear_bce_is_timed_once_it_exists_and_dense_stops_at_the_memory_limit(self):
+    gpu_common, _ = _import_benchmarks()
+    sweeps = _import_sweeps()
+    optax = sweeps.peers.get("optax")
+    if optax is None:
+      self.skipTest("needs optax: pip install -e '.[bench]'")
+
+    def linear(h, w, positives):  # a stand-in with the documented signature's first arguments
+      return sweeps.dense_linear(optax)(h, w, positives)
+
+    run = gpu_common.Run(budget_s=600.0)
+    with (
+      mock.patch.object(bce_jax, "linear_binary_crossentropy", linear, create=True),
+      mock.patch.object(gpu_common, "device_memory_limit", lambda: 4000),
+    ):
+      sweeps.linear_cells(run, [16, 64, 128], 4, 8, gpu_common.SMOKE_EFFORT, None)
+    small, big, bigger = (c["impls"] for c in run.sections["linear"])
+    self.assertGreater(small["bce_jax"]["seconds"], 0)
+    self.assertLess(small["bce_jax"]["value_rel_diff"], 1e-6)
+    self.assertGreater(small["dense optax"]["seconds"], 0)
+    self.assertTrue(big["dense optax"]["status"].startswith("out of memory: needs"), big)
+    self.assertEqual(bigger["dense optax"]["status"], "out of memory already at C = 64")
 
 
 class PipelinedTimingTest(absltest.TestCase):
