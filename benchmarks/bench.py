@@ -10,8 +10,9 @@ Modes (one command each; see benchmarks/README.md):
   python benchmarks/bench.py --markdown FILE.json       # a results file as README tables
 
 Every implementation is timed once per repeat, in turn; figures are medians.
-The peers are optional (``pip install -e ".[bench]"``); a missing one is
-reported, never fatal. Results go to ``benchmarks/results/``.
+The peers are optional (``pip install -e ".[bench]"`` brings optax and
+Keras; torch is installed on its own, see benchmarks/README.md); a missing
+one is reported, never fatal. Results go to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
   for name, why in peers.load().items():
-    print(f"peer {name}: MISSING ({why}); install with pip install -e '.[bench]'")
+    print(f"peer {name}: MISSING ({why}); {peers.install_hint(name)}")
   print("machine:", json.dumps(report.machine_info()))
   print("versions:", json.dumps(report.versions()))
   results = []

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import peers
-from timing import blocking
+from timing import Pipelined, pipelined
 
 import bce_jax
 
@@ -86,9 +86,9 @@ def _torch_forward(preds: jax.Array, y: jax.Array, dtype: str, from_logits: bool
 
   def run():
     with torch.no_grad():
-      return fn(pt, yt).item()
+      return fn(pt, yt)
 
-  return {"torch": run}
+  return {"torch": Pipelined(run, wait=lambda value: value.item())}
 
 
 def _torch_grad(x: jax.Array, y: jax.Array, dtype: str) -> Calls:
@@ -102,12 +102,14 @@ def _torch_grad(x: jax.Array, y: jax.Array, dtype: str) -> Calls:
     xt.grad = None  # a fresh gradient array, as JAX returns
     value = torch.nn.functional.binary_cross_entropy_with_logits(xt, yt)
     value.backward()
-    result = value.item(), xt.grad
+    return value.detach(), xt.grad
+
+  def wait(result):
     if _torch_device() == "cuda":
       torch.cuda.synchronize()
-    return result
+    return result[0].item(), result[1]
 
-  return {"torch": run}
+  return {"torch": Pipelined(run, wait)}
 
 
 # --------------------------------------------------------------------------
@@ -127,15 +129,15 @@ def _family_group(family: str, x: jax.Array, y: jax.Array, grad: bool) -> Calls:
   """A family's mean loss over flat `[N]` data, from :func:`peers.implementations`."""
   calls: Calls = {}
   if grad:
-    calls[FLOOR] = blocking(jax.jit(lambda a, b: a * b), x, y)
+    calls[FLOOR] = pipelined(jax.jit(lambda a, b: a * b), x, y)
   else:
-    calls[FLOOR] = blocking(jax.jit(_read_floor), x, y)
+    calls[FLOOR] = pipelined(jax.jit(_read_floor), x, y)
   for name, impl in peers.implementations(family).items():
     if isinstance(impl, str):
       calls[name] = impl
       continue
     forward = _unweighted_mean(impl)
-    calls[name] = blocking(jax.jit(jax.value_and_grad(forward) if grad else forward), x, y)
+    calls[name] = pipelined(jax.jit(jax.value_and_grad(forward) if grad else forward), x, y)
   return calls
 
 
@@ -145,18 +147,18 @@ def _logits(data: dict[str, jax.Array], dtype: str) -> Calls:
   tail = jax.jit(lambda x, y: jnp.sum(jnp.log1p(jnp.exp(-jnp.abs(x.astype(jnp.float32)))) * y))
   ours = jax.jit(lambda x, y: bce_jax.binary_crossentropy(y, x, from_logits=True).mean())
   calls: Calls = {
-    FLOOR: blocking(jax.jit(_read_floor), x, y),
-    COMPUTE: blocking(tail, x, y),
-    peers.OURS: blocking(ours, x, y),
+    FLOOR: pipelined(jax.jit(_read_floor), x, y),
+    COMPUTE: pipelined(tail, x, y),
+    peers.OURS: pipelined(ours, x, y),
     "optax": peers.missing("optax"),
     "keras": peers.missing("keras"),
   }
   if optax is not None:
     f = jax.jit(lambda x, y: optax.sigmoid_binary_cross_entropy(x, y).mean())
-    calls["optax"] = blocking(f, x, y)
+    calls["optax"] = pipelined(f, x, y)
   if keras is not None:
     loss = keras.losses.BinaryCrossentropy(from_logits=True)
-    calls["keras"] = blocking(jax.jit(lambda x, y: loss(y, x)), x, y)
+    calls["keras"] = pipelined(jax.jit(lambda x, y: loss(y, x)), x, y)
   return calls | _torch_forward(x, y, dtype, from_logits=True)
 
 
@@ -165,13 +167,13 @@ def _probs(data: dict[str, jax.Array], dtype: str) -> Calls:
   keras = peers.get("keras")
   ours = jax.jit(lambda p, y: bce_jax.binary_crossentropy(y, p).mean())
   calls: Calls = {
-    FLOOR: blocking(jax.jit(_read_floor), p, y),
-    peers.OURS: blocking(ours, p, y),
+    FLOOR: pipelined(jax.jit(_read_floor), p, y),
+    peers.OURS: pipelined(ours, p, y),
     "keras": peers.missing("keras"),
   }
   if keras is not None:
     loss = keras.losses.BinaryCrossentropy()
-    calls["keras"] = blocking(jax.jit(lambda p, y: loss(y, p)), p, y)
+    calls["keras"] = pipelined(jax.jit(lambda p, y: loss(y, p)), p, y)
   return calls | _torch_forward(p, y, dtype, from_logits=False)
 
 
@@ -180,17 +182,17 @@ def _grad(data: dict[str, jax.Array], dtype: str) -> Calls:
   optax, keras = peers.get("optax"), peers.get("keras")
   ours = jax.value_and_grad(lambda x, y: bce_jax.binary_crossentropy(y, x, from_logits=True).mean())
   calls: Calls = {
-    FLOOR: blocking(jax.jit(lambda a, b: a * b), x, y),
-    peers.OURS: blocking(jax.jit(ours), x, y),
+    FLOOR: pipelined(jax.jit(lambda a, b: a * b), x, y),
+    peers.OURS: pipelined(jax.jit(ours), x, y),
     "optax": peers.missing("optax"),
     "keras": peers.missing("keras"),
   }
   if optax is not None:
     f = jax.value_and_grad(lambda x, y: optax.sigmoid_binary_cross_entropy(x, y).mean())
-    calls["optax"] = blocking(jax.jit(f), x, y)
+    calls["optax"] = pipelined(jax.jit(f), x, y)
   if keras is not None:
     loss = keras.losses.BinaryCrossentropy(from_logits=True)
-    calls["keras"] = blocking(jax.jit(jax.value_and_grad(lambda x, y: loss(y, x))), x, y)
+    calls["keras"] = pipelined(jax.jit(jax.value_and_grad(lambda x, y: loss(y, x))), x, y)
   return calls | _torch_grad(x, y, dtype)
 
 
@@ -209,8 +211,8 @@ def _metric(data: dict[str, jax.Array], dtype: str) -> Calls:
     return metric.result(state)
 
   calls: Calls = {
-    FLOOR: blocking(jax.jit(_read_floor), xs, ys),
-    peers.OURS: blocking(ours_scan, xs, ys),
+    FLOOR: pipelined(jax.jit(_read_floor), xs, ys),
+    peers.OURS: pipelined(ours_scan, xs, ys),
     "keras": peers.missing("keras"),
   }
   if keras is not None:

@@ -126,7 +126,7 @@ def _floor(cell: Cell, inputs: dict) -> Callable[[], object]:
       # "none" must also write its per-sample output: the floor writes as much.
       return jnp.broadcast_to(total, x.shape[:-1]) if cell.path == "none" else total
 
-    return timing.blocking(jax.jit(read), inputs["x"], inputs["y"], w, mask)
+    return timing.pipelined(jax.jit(read), inputs["x"], inputs["y"], w, mask)
 
   def write(x, y, w, mask):
     out = x * y
@@ -135,7 +135,7 @@ def _floor(cell: Cell, inputs: dict) -> Callable[[], object]:
         out = out * peers.expand_to(a, x.ndim).astype(x.dtype)
     return out
 
-  return timing.blocking(jax.jit(write), inputs["x"], inputs["y"], w, mask)
+  return timing.pipelined(jax.jit(write), inputs["x"], inputs["y"], w, mask)
 
 
 def _impl_call(impl: peers.Impl, cell: Cell, inputs: dict):
@@ -150,7 +150,7 @@ def _impl_call(impl: peers.Impl, cell: Cell, inputs: dict):
       return "no metric in this library"
     m = impl.metric()
     update = jax.jit(lambda state, x, y: m.update(state, y, x))
-    return timing.blocking(update, m.init(), x, y), lambda out: (m.result(out),)
+    return timing.pipelined(update, m.init(), x, y), lambda out: (m.result(out),)
   reduction = "none" if cell.path == "none" else "mean"
   loss = impl.loss(reduction)
   w, mask = _path_args(cell.path, inputs)
@@ -161,7 +161,7 @@ def _impl_call(impl: peers.Impl, cell: Cell, inputs: dict):
 
   fn = forward if cell.mode == "forward" else jax.value_and_grad(forward)
   values = (lambda out: (out,)) if cell.mode == "forward" else (lambda out: tuple(out))
-  return timing.blocking(jax.jit(fn), x, y, w, mask), values
+  return timing.pipelined(jax.jit(fn), x, y, w, mask), values
 
 
 def _as_f64(a) -> np.ndarray:

@@ -64,11 +64,18 @@ class Impl:
   metric: Callable[[], MetricFns] | None = None
 
 
-def load() -> dict[str, str]:
-  """Imports the peers once; returns ``name -> why missing`` for those that are not."""
+def load(skip: tuple[str, ...] = ()) -> dict[str, str]:
+  """Imports the peers once; returns ``name -> why missing`` for those that are not.
+
+  Args:
+    skip: peers not to import (reported as missing), on the first call only.
+  """
   if _MODULES or _MISSING:
     return dict(_MISSING)
   for name in PEER_NAMES:
+    if name in skip:
+      _MISSING[name] = "left out (--skip-peers)"
+      continue
     try:
       module = __import__(name)
       if name == "keras" and module.backend.backend() != "jax":
@@ -82,6 +89,16 @@ def load() -> dict[str, str]:
     if jax.default_backend() == "gpu" and not torch.cuda.is_available():
       print("note: torch has no CUDA here; its figures are on the CPU.")
   return dict(_MISSING)
+
+
+def install_hint(name: str) -> str:
+  """How to install peer `name`: optax and Keras come with the ``bench`` extra, torch does not."""
+  if name == "torch":
+    return (
+      "install torch separately: pip install torch (a CUDA build on Linux); on a CPU-only "
+      "machine pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    )
+  return "install with pip install -e '.[bench]'"
 
 
 def get(name: str) -> Any:

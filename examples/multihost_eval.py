@@ -21,14 +21,17 @@ of it. Every process runs the same program:
    rows of any one process must raise ``bce_jax.ValueCheckError`` in every
    process.
 
-Each process prints the figures, a ``RESULT key=value ...`` line and a
-``CHECKED case=outcome ...`` line, and exits with status 1 if any
-comparison or check fails. On CPU the processes talk through the gloo
+Each process prints the figures, a ``RESULT key=value ...`` line, a
+``CHECKED case=outcome ...`` line and, last, a one-line verdict
+(``VERDICT process i: PASS|FAIL, largest relative difference ...``), and
+exits with status 1 if any comparison or check fails. On CPU the processes talk through the gloo
 collectives, and each one gets ``--devices-per-process`` host devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count``, set below before jax
 is imported unless XLA_FLAGS already asks for a device count). With
 ``--local N`` this script starts the N processes itself, on CPU, and prints
-their output prefixed with ``[process i]``.
+their output prefixed with ``[process i]`` (whole lines: gloo's connection
+messages of several ranks arrive in any order), then the verdicts again,
+one line per process.
 
 Run::
 
@@ -153,10 +156,16 @@ def _without_local(argv: list[str]) -> list[str]:
   return out
 
 
-def _forward(stream, prefix: str) -> None:
+VERDICT = "VERDICT "
+
+
+def _forward(stream, prefix: str, verdicts: list[str]) -> None:
+  """Prints each line of `stream` after `prefix`; keeps the verdict lines in `verdicts`."""
   for line in stream:
     sys.stdout.write(f"{prefix}{line}")
     sys.stdout.flush()
+    if line.startswith(VERDICT):
+      verdicts.append(line[len(VERDICT) :].strip())
 
 
 def _end(children: list[subprocess.Popen]) -> None:
@@ -200,7 +209,9 @@ def launch_local(args: argparse.Namespace) -> int:
   base += ["--coordinator", coordinator, "--num-processes", str(args.local)]
   # CPU devices only: N processes sharing this machine's accelerators would
   # each claim all of them.
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  # Unbuffered: a child's Python lines and gloo's C++ lines share one pipe,
+  # and a block-buffered stdout would cut into the middle of gloo's.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
   if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
     flag = f"--xla_force_host_platform_device_count={args.devices_per_process}"
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
@@ -209,6 +220,7 @@ def launch_local(args: argparse.Namespace) -> int:
   print(f"starting {args.local} processes, coordinator {coordinator}", flush=True)
   children: list[subprocess.Popen] = []
   threads = []
+  verdicts: list[list[str]] = [[] for _ in range(args.local)]
   start = time.monotonic()
   try:
     for i in range(args.local):
@@ -222,7 +234,7 @@ def launch_local(args: argparse.Namespace) -> int:
       )
       children.append(child)
       thread = threading.Thread(
-        target=_forward, args=(child.stdout, f"[process {i}] "), daemon=True
+        target=_forward, args=(child.stdout, f"[process {i}] ", verdicts[i]), daemon=True
       )
       thread.start()
       threads.append(thread)
@@ -244,6 +256,9 @@ def launch_local(args: argparse.Namespace) -> int:
       thread.join(timeout=5)
   codes = [child.returncode for child in children]
   print(f"exit status of each process: {codes}")
+  print("verdict, one line per process:")
+  for i, (code, said) in enumerate(zip(codes, verdicts, strict=True)):
+    print(f"  {said[-1]}" if said else f"  process {i}: FAIL, no verdict (exit status {code})")
   return 0 if all(code == 0 for code in codes) else 1
 
 
@@ -623,6 +638,22 @@ def run_process(args: argparse.Namespace) -> int:
       failures.append(f"checked {case}: {outcome}")
   for failure in failures:
     print(f"FAILED {failure}")
+  diffs = {
+    "loss": loss_diff,
+    "gradient": max(grad_diff, logits_grad_diff),
+    "parameters": params_diff,
+    "metric": max(metric_diff, merge_diff),
+  }
+  worst = max(diffs, key=lambda k: diffs[k])
+  as_expected = sum(outcome in ("pass", "raised") for outcome in outcomes.values())
+  verdict = "FAIL" if failures else "PASS"
+  tail = f"; {len(failures)} failed, first: {failures[0]}" if failures else ""
+  print(
+    f"{VERDICT}process {me}: {verdict}, largest relative difference from one device "
+    f"{diffs[worst]:.2e} ({worst}), checked() {as_expected} of {len(outcomes)} as expected"
+    f"{tail}",
+    flush=True,
+  )
   return 1 if failures else 0
 
 

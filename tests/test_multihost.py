@@ -15,12 +15,14 @@ process):
   under an Explicit and an Auto mesh, valid inputs passing and each kind of
   bad value raising, wherever its shard lives.
 
-The multi-process test is skipped only where jaxlib has no gloo collectives
-(it builds them for Linux and macOS) or no loopback TCP is available.
+The multi-process test is skipped only where optax (which the example trains
+with) is not installed, jaxlib has no gloo collectives (it builds them for
+Linux and macOS) or no loopback TCP is available.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -93,8 +95,10 @@ def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
   return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def _no_gloo_reason() -> str | None:
+def _cannot_run_reason() -> str | None:
   """Why this platform cannot run the multi-process example, or None."""
+  if importlib.util.find_spec("optax") is None:  # looked up, not imported
+    return "needs optax, which the example trains with: pip install -e '.[examples]'"
   if sys.platform not in ("linux", "darwin"):
     return f"jaxlib's gloo CPU collectives exist on Linux and macOS only, not {sys.platform}"
   try:
@@ -111,7 +115,7 @@ def _key_values(line: str) -> dict[str, str]:
 
 class MultiProcessTest(absltest.TestCase):
   def test_two_processes_agree_with_one_device(self):
-    reason = _no_gloo_reason()
+    reason = _cannot_run_reason()
     if reason:
       self.skipTest(reason)
     cmd = [sys.executable, str(EXAMPLE), "--local", str(PROCESSES), "--fast"]
@@ -177,6 +181,16 @@ class MultiProcessTest(absltest.TestCase):
     with self.subTest("every process exits with status 0"):
       self.assertEqual(proc.returncode, 0, output)
       self.assertIn(f"exit status of each process: {[0] * PROCESSES}", proc.stdout, output)
+
+    with self.subTest("the run ends with one PASS verdict per process"):
+      tail = proc.stdout.rstrip().splitlines()[-PROCESSES - 1 :]
+      self.assertEqual(tail[0], "verdict, one line per process:", output)
+      for p, line in enumerate(tail[1:]):
+        self.assertTrue(line.startswith(f"  process {p}: PASS, largest relative"), output)
+        worst = float(re.search(r"one device (\S+) ", line).group(1))
+        self.assertLessEqual(worst, max(DIFF_LIMITS.values()), line)
+        cases = 2 * (1 + PROCESSES)  # two meshes: valid data, a bad weight in each process
+        self.assertIn(f"checked() {cases} of {cases} as expected", line)
 
 
 # Run in a fresh interpreter with 8 host devices: bce_jax.checked on
