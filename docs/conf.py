@@ -11,11 +11,11 @@ import sys
 # Document the checkout next to this folder, installed or not.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import bce_jax  # noqa: E402
+import bce_jax
 
 project = "bce_jax"
 author = "bce_jax developers"
-copyright = "bce_jax developers"  # noqa: A001 - Sphinx's name for it
+copyright = "bce_jax developers"
 version = release = bce_jax.__version__
 
 extensions = [
