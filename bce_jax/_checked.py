@@ -110,7 +110,7 @@ def checked(fn: _F) -> _F:
           "Flax NNX objects created outside it (an nnx.jit step does). Split the "
           "model: graphdef, state = nnx.split((model, optimizer)); write a jax.jit "
           "step that calls nnx.merge(graphdef, state) and returns nnx.state(...); "
-          "then wrap that step. The README's Flax section shows it."
+          "then wrap that step. docs/guides/flax.md shows it."
         ) from e
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(err)):
       raise TypeError(_TRACED)  # `fn` closes over a tracer
