@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -65,11 +65,19 @@ def _json(value: Any) -> Any:
 class Config:
   """Base of the loss and metric dataclasses: field checks and configs."""
 
+  # The public function giving the formula's element losses, named in errors about `axis`.
+  _ELEMENTWISE: ClassVar[str] = _validate.BCE_ELEMENTWISE
+
   def __post_init__(self) -> None:
     for field in dataclasses.fields(self):  # type: ignore[arg-type]
-      check = _FIELDS.get(field.name)
-      if check is not None:
-        object.__setattr__(self, field.name, check(getattr(self, field.name)))
+      value = getattr(self, field.name)
+      if field.name == "axis":
+        value = _validate.check_static_axis(value, self._ELEMENTWISE)
+      elif field.name in _FIELDS:
+        value = _FIELDS[field.name](value)
+      else:
+        continue
+      object.__setattr__(self, field.name, value)
 
   def static_pos_weight(self) -> np.ndarray | None:
     """The configured `pos_weight` as an array (None if unset)."""

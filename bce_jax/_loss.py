@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 from jax.typing import ArrayLike
@@ -68,6 +68,7 @@ class Loss(Config):
       self.reduction,
       sample_weight,
       mask,
+      self._ELEMENTWISE,
     )
 
 
@@ -175,6 +176,8 @@ class BinaryFocalCrossentropy(Loss):
   reduction: str | None = "sum_over_batch_size"
   name: str = "binary_focal_crossentropy"
   pos_weight: float | tuple[Any, ...] | None = None
+
+  _ELEMENTWISE: ClassVar[str] = _focal.ELEMENTWISE
 
   def formula(self) -> _reduce.Formula:
     return _focal.formula(self.from_logits, self.apply_class_balancing, self.alpha, self.gamma)
