@@ -107,6 +107,10 @@ class Metric(Config):
     Associative and commutative. Summing the states across devices with
     ``jax.lax.psum`` adds the same numbers in another order: equal up to
     float32 rounding of the leading parts (equal in every test we run).
+
+    Every method takes only states made by a metric of this class and
+    configuration (the `name` aside): another metric's state, or one with
+    another `gamma`, raises a ValueError, under ``jax.jit`` at trace time.
     """
     tag = _tag(self)
     merged = _state.check_state(state, tag)
