@@ -102,6 +102,20 @@ def _prob_losses_jvp(primals, tangents):
 _prob_losses.defjvp(_prob_losses_jvp, symbolic_zeros=True)
 
 
+def _exact_at_infinity(losses, logits, labels, pos_weight):
+  """`losses` with the exact values at infinite logits (the fast form gives nan).
+
+  At ``x = +inf`` the loss is ``(1 - y) * inf``, at ``-inf`` it is
+  ``w y * inf``: 0 where that coefficient is 0 (a matching label, or
+  ``pos_weight = 0``), else an infinity of its sign. `labels` are already
+  smoothed, so a smoothed label meets an infinite logit with ``inf``.
+  """
+  positive = labels if pos_weight is None else pos_weight * labels
+  coefficient = jnp.where(logits > 0, 1 - labels, positive)
+  exact = jnp.where(coefficient == 0, 0, coefficient * jnp.inf).astype(losses.dtype)
+  return jnp.where(jnp.isinf(logits), exact, losses)
+
+
 def bce_element(labels, preds, pos_weight, *, from_logits: bool, safe: bool) -> jax.Array:
   """BCE of each element; all arrays in the compute dtype, labels smoothed.
 
@@ -111,7 +125,7 @@ def bce_element(labels, preds, pos_weight, *, from_logits: bool, safe: bool) -> 
   if not from_logits:
     return _prob_losses(preds, labels, pos_weight)
   losses = _logit_losses(preds, labels, pos_weight)
-  return _logsig.infinite_logits(losses, preds, labels) if safe else losses
+  return _exact_at_infinity(losses, preds, labels, pos_weight) if safe else losses
 
 
 @functools.cache
@@ -155,7 +169,8 @@ def binary_crossentropy_elementwise(
     The element losses, in the shape of the aligned inputs. The dtype is
     float32 for float32, float16, bfloat16, integer and bool `y_pred`, and
     float64 for float64 `y_pred` (with ``jax_enable_x64``). Infinite logits
-    are exact: 0 for a matching label, ``inf`` for the opposite one.
+    are exact: 0 for a matching label (or a `pos_weight` of 0 on the
+    positive term), ``inf`` otherwise, smoothed labels included.
 
   Raises:
     ValueError: if the shapes do not match, `label_smoothing` is outside

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -38,6 +38,19 @@ def _real(field: str, lo: float, hi: float | None = None) -> Callable[[Any], flo
   return check
 
 
+def _no_dtype(dtype: Any) -> None:
+  """A loss object's `dtype`: Keras's argument, refused unless None (see the loss docstrings)."""
+  if dtype is not None:
+    raise ValueError(
+      f"`dtype` is not supported (got {dtype!r}): bce_jax losses compute in float32 "
+      f"(float64 for float64 `y_pred` under jax_enable_x64) whatever the input dtype, "
+      f"and return that dtype, so float16 and bfloat16 inputs never overflow (Keras's "
+      f"dtype='float16' computes the loss in float16, which gives inf or nan at p = 1). Remove "
+      f"`dtype=`; for a float64 loss pass float64 `y_pred` with jax_enable_x64, and for "
+      f"a lower-precision value cast the result: loss(y_true, y_pred).astype(jnp.bfloat16)."
+    )
+
+
 # Each field any loss or metric may have, and how it is checked and normalized.
 _FIELDS: dict[str, Callable[[Any], Any]] = {
   "from_logits": lambda v: _validate.check_bool("from_logits", v),
@@ -49,7 +62,11 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
   "pos_weight": _validate.check_static_pos_weight,
   "alpha": _real("alpha", 0.0, 1.0),
   "gamma": _real("gamma", 0.0),
+  "dtype": _no_dtype,
 }
+
+# A field with this metadata is kept out of configs.
+NOT_IN_CONFIG = {"config": False}
 
 
 def _keras_dtype_ok(dtype: Any) -> bool:
@@ -65,11 +82,19 @@ def _json(value: Any) -> Any:
 class Config:
   """Base of the loss and metric dataclasses: field checks and configs."""
 
+  # The public function giving the formula's element losses, named in errors about `axis`.
+  _ELEMENTWISE: ClassVar[str] = _validate.BCE_ELEMENTWISE
+
   def __post_init__(self) -> None:
     for field in dataclasses.fields(self):  # type: ignore[arg-type]
-      check = _FIELDS.get(field.name)
-      if check is not None:
-        object.__setattr__(self, field.name, check(getattr(self, field.name)))
+      value = getattr(self, field.name)
+      if field.name == "axis":
+        value = _validate.check_static_axis(value, self._ELEMENTWISE)
+      elif field.name in _FIELDS:
+        value = _FIELDS[field.name](value)
+      else:
+        continue
+      object.__setattr__(self, field.name, value)
 
   def static_pos_weight(self) -> np.ndarray | None:
     """The configured `pos_weight` as an array (None if unset)."""
@@ -78,7 +103,8 @@ class Config:
 
   def get_config(self) -> dict[str, Any]:
     """The configuration as a JSON-serialisable dict."""
-    return {f.name: _json(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+    fields = dataclasses.fields(self)  # type: ignore[arg-type]
+    return {f.name: _json(getattr(self, f.name)) for f in fields if f.metadata != NOT_IN_CONFIG}
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> Any:

@@ -40,6 +40,23 @@ from jax.typing import ArrayLike
 from bce_jax import _config, _logsig, _reduce
 
 _MAX_CHAIN = 64  # largest gamma computed as a multiply chain
+ELEMENTWISE = "binary_focal_crossentropy_elementwise"  # named in errors about `axis`
+
+
+def _one_minus_t(a: jax.Array) -> jax.Array:
+  """``1 - exp(-a)`` without cancellation near ``a = 0`` (``(1 - t) / (1 + t) = tanh(a / 2)``)."""
+  return -jnp.expm1(-a)
+
+
+def _q_scale_bound(dtype) -> float:
+  """A magnitude beyond which ``exp(-a)``, and so ``q``, is exactly 0 in `dtype`.
+
+  ``q * |x|`` is bounded, but in reverse mode the cotangent of `q` is
+  ``gamma |x|``, which overflows at huge logits and turns the ``0``
+  derivative of `q` into ``inf * 0 = nan``. Clamping ``|x|`` here changes
+  no value and no derivative: past the bound ``q`` and its derivative are 0.
+  """
+  return math.ceil(-math.log(float(jnp.finfo(dtype).smallest_subnormal))) + 2.0
 
 
 def _live(tangent) -> bool:
@@ -118,10 +135,10 @@ def _ratio(a, u):
 def _ratio_jvp(primals, tangents):
   (a, u), (da, du) = primals, tangents
   q = _ratio(a, u)
-  t, _, small, _, inv = _parts(a, u)
+  _, _, small, _, inv = _parts(a, u)
   terms = [q * (small - u * inv) * da] if _live(da) else []  # bounded
   if _live(du):
-    terms.append(-q * (1 - t) * inv * du)
+    terms.append(-q * _one_minus_t(a) * inv * du)
   return q, _sum_terms(terms, q)
 
 
@@ -138,10 +155,10 @@ def _factor(a, u, gamma):
 def _factor_jvp(gamma, primals, tangents):
   (a, u), (da, du) = primals, tangents
   f = _factor(a, u, gamma)
-  t, _, _, _, inv = _parts(a, u)
+  _, _, _, _, inv = _parts(a, u)
   terms = [gamma * f * (2 * u - 1) * _ratio(a, u) * da] if _live(da) else []  # (log P)' = (u - v) q
   if _live(du):
-    terms.append(gamma * f * (1 - t) * inv * du)
+    terms.append(gamma * f * _one_minus_t(a) * inv * du)
   return f, _sum_terms(terms, f)
 
 
@@ -167,8 +184,8 @@ def _logit_losses_jvp(gamma, alpha, primals, tangents):
   factor = _factor(a, u, gamma) if gamma else 1
   terms = []
   if _live(dx):
-    if gamma:  # c F (BCE' + gamma (1 - 2y) q BCE); BCE finite at infinite logits, where q = 0
-      finite = jnp.minimum(a, jnp.finfo(a.dtype).max)
+    if gamma:  # c F (BCE' + gamma (1 - 2y) q BCE); q = 0 where |x| is clamped (and infinite)
+      finite = jnp.minimum(a, _q_scale_bound(a.dtype))
       if w is None:
         slope, finite = u - small, u * finite + tail
       else:
@@ -189,7 +206,9 @@ def _logit_losses_jvp(gamma, alpha, primals, tangents):
       factor = jnp.exp(gamma * (jnp.where(hit, log_den, -a) - tail))
       t_ratio = jnp.where(t > 0, tail / jnp.where(t > 0, t, 1), 1)  # log1p(t) / t
       bce_den = w_u * (a + tail) * (u * inv) + w_v * (1 - u) * t_ratio * jnp.where(hit, t * inv, 1)
-      slope = factor * (slope + gamma * jnp.where(pos, t - 1, 1 - t) * bce_den)
+      # dP/dy = 1 - 2p = -tanh(x / 2): exact near x = 0, where 1 - t would cancel.
+      one_minus_t = _one_minus_t(a)
+      slope = factor * (slope + gamma * jnp.where(pos, -one_minus_t, one_minus_t) * bce_den)
     slope = c * slope
     if alpha is not None:
       slope = slope + (2 * alpha - 1) * factor * bce
@@ -393,4 +412,4 @@ def binary_focal_crossentropy(
     [0.33  0.206]
   """
   focal = formula(from_logits, apply_class_balancing, alpha, gamma)
-  return _reduce.axis_mean(focal, y_true, y_pred, label_smoothing, pos_weight, axis)
+  return _reduce.axis_mean(focal, y_true, y_pred, label_smoothing, pos_weight, axis, ELEMENTWISE)

@@ -88,15 +88,3 @@ def _softplus_pair_jvp(primals, tangents):
   (x,), (dx,) = primals, tangents
   sig_pos, sig_neg = sigmoid_pair(x)
   return softplus_pair(x), (sig_pos * dx, -sig_neg * dx)
-
-
-def infinite_logits(losses: jax.Array, logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """`losses` with the exact values at infinite logits.
-
-  At ``x = +inf`` the loss is ``(1 - y) * inf``: 0 for ``y = 1``, ``+inf``
-  otherwise (mirrored at ``-inf``). The fast formulas give nan there, from
-  ``0 * inf``; this select is only taken on the safe path.
-  """
-  mismatch = jnp.where(logits > 0, labels < 1, labels > 0)
-  exact = jnp.where(mismatch, jnp.inf, 0).astype(losses.dtype)
-  return jnp.where(jnp.isinf(logits), exact, losses)

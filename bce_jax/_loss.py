@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 from jax.typing import ArrayLike
 
 from bce_jax import _bce, _focal, _reduce
-from bce_jax._config import Config
+from bce_jax._config import NOT_IN_CONFIG, Config
 
 
 class Loss(Config):
@@ -68,6 +68,7 @@ class Loss(Config):
       self.reduction,
       sample_weight,
       mask,
+      self._ELEMENTWISE,
     )
 
 
@@ -93,13 +94,19 @@ class BinaryCrossentropy(Loss):
     pos_weight: weight of the positive term (beyond Keras; as PyTorch's
       ``pos_weight``): a float, or (nested) tuples of floats that broadcast to
       the element losses without changing their shape. None is 1.
+    dtype: Keras's compute-dtype argument, refused unless None (keyword).
+      bce_jax computes in float32 (float64 for float64 `y_pred` under
+      ``jax_enable_x64``) whatever the input dtype and returns that dtype, so
+      float16 and bfloat16 inputs never overflow; cast the result for another
+      dtype. Keras configs with ``"dtype": "float32"`` load with
+      :meth:`from_config`.
 
   The call, ``loss(y_true, y_pred, sample_weight=None, mask=None)``, is
   described in :meth:`Loss.__call__`.
 
   Raises:
-    ValueError: at construction for a bad configuration; at call time for
-      shapes that do not match.
+    ValueError: at construction for a bad configuration (a `dtype` included);
+      at call time for shapes that do not match.
 
   References:
     Keras 3, ``keras.losses.BinaryCrossentropy``; PyTorch,
@@ -124,6 +131,8 @@ class BinaryCrossentropy(Loss):
   reduction: str | None = "sum_over_batch_size"
   name: str = "binary_crossentropy"
   pos_weight: float | tuple[Any, ...] | None = None
+  _: dataclasses.KW_ONLY
+  dtype: None = dataclasses.field(default=None, repr=False, compare=False, metadata=NOT_IN_CONFIG)
 
   def formula(self) -> _reduce.Formula:
     return _bce.formula(self.from_logits)
@@ -150,6 +159,7 @@ class BinaryFocalCrossentropy(Loss):
     name: a name, for configs and logging.
     pos_weight: weight of the positive BCE term only (beyond Keras), as for
       :class:`BinaryCrossentropy`.
+    dtype: refused unless None, as for :class:`BinaryCrossentropy`.
 
   References:
     Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017; Keras 3,
@@ -175,6 +185,10 @@ class BinaryFocalCrossentropy(Loss):
   reduction: str | None = "sum_over_batch_size"
   name: str = "binary_focal_crossentropy"
   pos_weight: float | tuple[Any, ...] | None = None
+  _: dataclasses.KW_ONLY
+  dtype: None = dataclasses.field(default=None, repr=False, compare=False, metadata=NOT_IN_CONFIG)
+
+  _ELEMENTWISE: ClassVar[str] = _focal.ELEMENTWISE
 
   def formula(self) -> _reduce.Formula:
     return _focal.formula(self.from_logits, self.apply_class_balancing, self.alpha, self.gamma)

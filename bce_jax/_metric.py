@@ -21,37 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from bce_jax import _bce, _focal, _reduce
+from bce_jax import _bce, _focal, _reduce, _state
 from bce_jax._config import Config
-
-_STATE_DTYPE = jnp.float32
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class MetricState:
-  """The state of a :class:`BinaryCrossentropyMetric`: four float32 scalars.
-
-  Attributes:
-    total: the weighted sum of per-sample losses (leading part).
-    total_err: the rounding error of `total` (trailing part).
-    count: the sum of sample weights (the number of samples if unweighted).
-    count_err: the rounding error of `count`.
-
-  A plain pytree of arrays: a ``lax.scan`` carry, batched under ``vmap``,
-  and summed across devices with ``jax.lax.psum``.
-  """
-
-  total: jax.Array
-  total_err: jax.Array
-  count: jax.Array
-  count_err: jax.Array
+from bce_jax._state import MetricState
 
 
 def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -70,49 +48,9 @@ def _add(hi: jax.Array, lo: jax.Array, x_hi: jax.Array, x_lo: jax.Array):
 
 def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """A float32/float64 scalar as a float32 pair ``hi + lo``."""
-  hi = x.astype(_STATE_DTYPE)
-  lo = (x - hi.astype(x.dtype)).astype(_STATE_DTYPE)
+  hi = x.astype(_state.STATE_DTYPE)
+  lo = (x - hi.astype(x.dtype)).astype(_state.STATE_DTYPE)
   return hi, lo
-
-
-def _check_state(state: Any, argname: str = "state", stacked: bool = False) -> MetricState:
-  """`state` if it is a MetricState of float32 scalars (of `[K]` arrays if `stacked`)."""
-  if not isinstance(state, MetricState):
-    raise TypeError(
-      f"`{argname}` must be a bce_jax.MetricState (from metric.init()); got {type(state).__name__}."
-    )
-  shapes = set()
-  for field in dataclasses.fields(MetricState):
-    value = getattr(state, field.name)
-    shape = getattr(value, "shape", None)
-    dtype = getattr(value, "dtype", None)
-    shapes.add(shape)
-    if shape is None or dtype != _STATE_DTYPE:
-      ok = False
-    else:
-      ok = len(shape) == 1 if stacked else shape == ()
-    if not ok:
-      want = (
-        "a float32 array of shape [K] (states stacked on axis 0)"
-        if stacked
-        else ("a float32 scalar")
-      )
-      hint = (
-        ""
-        if stacked
-        else (
-          " Under vmap, map over states built by init()/update(); fold a stacked state "
-          "with reduce()."
-        )
-      )
-      raise ValueError(
-        f"`{argname}.{field.name}` must be {want}; got shape {shape} and dtype {dtype}.{hint}"
-      )
-  if len(shapes) != 1:
-    raise ValueError(
-      f"The fields of `{argname}` have different shapes: {sorted(map(str, shapes))}."
-    )
-  return state
 
 
 class Metric(Config):
@@ -126,7 +64,7 @@ class Metric(Config):
 
   def init(self) -> MetricState:
     """An empty state; its result is 0.0. No two leaves share a buffer (donatable)."""
-    return _init()
+    return _init(_tag(self))
 
   def update(
     self,
@@ -150,7 +88,7 @@ class Metric(Config):
     Returns:
       The new state. An empty batch adds nothing.
     """
-    state = _check_state(state)
+    state = _state.check_state(state, _tag(self))
     layout, arrays = _reduce.prepare_call(
       y_true,
       y_pred,
@@ -159,6 +97,7 @@ class Metric(Config):
       self.axis,
       sample_weight,
       mask,
+      self._ELEMENTWISE,
     )
     return _update(self.formula(), layout, state, *arrays)
 
@@ -168,11 +107,16 @@ class Metric(Config):
     Associative and commutative. Summing the states across devices with
     ``jax.lax.psum`` adds the same numbers in another order: equal up to
     float32 rounding of the leading parts (equal in every test we run).
+
+    Every method takes only states made by a metric of this class and
+    configuration (the `name` aside): another metric's state, or one with
+    another `gamma`, raises a ValueError, under ``jax.jit`` at trace time.
     """
-    merged = _check_state(state)
+    tag = _tag(self)
+    merged = _state.check_state(state, tag)
     if not others:
       raise TypeError("merge() needs at least one state besides `state`.")
-    others = tuple(_check_state(o, f"others[{i}]") for i, o in enumerate(others))
+    others = tuple(_state.check_state(o, tag, f"others[{i}]") for i, o in enumerate(others))
     return _merge(merged, others)
 
   def reduce(self, states: MetricState) -> MetricState:
@@ -186,14 +130,14 @@ class Metric(Config):
     Returns:
       One state, equal to ``merge(states[0], ..., states[K-1])``.
     """
-    states = _check_state(states, "states", stacked=True)
+    states = _state.check_state(states, _tag(self), "states", stacked=True)
     if states.total.shape[0] == 0:
       raise ValueError("reduce() needs at least one stacked state; got K = 0.")
     return _reduce_stacked(states)
 
   def result(self, state: MetricState) -> jax.Array:
     """The weighted mean loss so far: a float32 scalar, 0.0 for an empty state."""
-    return _result(_check_state(state))
+    return _result(_state.check_state(state, _tag(self)))
 
 
 @jax.tree_util.register_static
@@ -280,15 +224,29 @@ class BinaryFocalCrossentropyMetric(Metric):
   def formula(self) -> _reduce.Formula:
     return _focal.formula(self.from_logits, self.apply_class_balancing, self.alpha, self.gamma)
 
+  _ELEMENTWISE: ClassVar[str] = _focal.ELEMENTWISE
 
-def _init() -> MetricState:
-  return MetricState(*(jnp.zeros((), _STATE_DTYPE) for _ in range(4)))
+
+@functools.lru_cache(maxsize=256)
+def _tag(metric: Metric) -> str:
+  """What a state records of the metric that made it: its class and configuration.
+
+  The name is left out: it labels a metric in logs and does not change what
+  it measures.
+  """
+  fields = dataclasses.fields(metric)  # type: ignore[arg-type]
+  config = ", ".join(f"{f.name}={getattr(metric, f.name)!r}" for f in fields if f.name != "name")
+  return f"{type(metric).__name__}({config})"
+
+
+def _init(tag: str | None) -> MetricState:
+  return MetricState(*(jnp.zeros((), _state.STATE_DTYPE) for _ in range(4)), metric=tag)
 
 
 def _accumulate(state: MetricState, total: jax.Array, count: jax.Array) -> MetricState:
   total, total_err = _add(state.total, state.total_err, *_split(total))
   count, count_err = _add(state.count, state.count_err, *_split(count))
-  return MetricState(total, total_err, count, count_err)
+  return MetricState(total, total_err, count, count_err, metric=state.metric)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -302,7 +260,7 @@ def _update(formula, layout, state, y_true, y_pred, smoothing, pos_weight, sampl
 def _merge_two(a: MetricState, b: MetricState) -> MetricState:
   total, total_err = _add(a.total, a.total_err, b.total, b.total_err)
   count, count_err = _add(a.count, a.count_err, b.count, b.count_err)
-  return MetricState(total, total_err, count, count_err)
+  return MetricState(total, total_err, count, count_err, metric=a.metric)
 
 
 @jax.jit
@@ -331,7 +289,7 @@ def _unsharded(leaf: jax.Array) -> jax.Array:
 def _reduce_stacked(states: MetricState) -> MetricState:
   # From an empty state, merge by merge: merging into zeros is exact.
   states = jax.tree_util.tree_map(_unsharded, states)
-  return jax.lax.scan(lambda acc, s: (_merge_two(acc, s), None), _init(), states)[0]
+  return jax.lax.scan(lambda acc, s: (_merge_two(acc, s), None), _init(states.metric), states)[0]
 
 
 @jax.jit

@@ -54,8 +54,13 @@ def _prepare(y_true, y_pred, label_smoothing, pos_weight):
   return (y_true, y_pred, label_smoothing, pos_weight), shape
 
 
-def prepare_call(y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask):
-  """Checks one call's arguments; returns its static layout and its arrays."""
+def prepare_call(
+  y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask, elementwise=None
+):
+  """Checks one call's arguments; returns its static layout and its arrays.
+
+  `elementwise` names the loss's per-element function in errors about `axis`.
+  """
   arrays, shape = _prepare(y_true, y_pred, label_smoothing, pos_weight)
   sample_weight = _validate.check_sample_weight(sample_weight)
   if mask is not None:
@@ -63,7 +68,7 @@ def prepare_call(y_true, y_pred, label_smoothing, pos_weight, axis, sample_weigh
     _validate.check_mask_dtype(mask)
   layout = _layout(
     shape,
-    _validate.normalize_axis(axis, len(shape)),
+    _validate.normalize_axis(axis, len(shape), elementwise or _validate.BCE_ELEMENTWISE),
     None if sample_weight is None else tuple(sample_weight.shape),
     None if mask is None else tuple(mask.shape),
   )
@@ -189,14 +194,19 @@ def loss_value(
   reduction,
   sample_weight=None,
   mask=None,
+  elementwise=None,
 ) -> jax.Array:
   """A loss object's value: per-sample losses, weighted, masked and reduced."""
   layout, arrays = prepare_call(
-    y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask
+    y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask, elementwise
   )
   return _loss_core(formula, layout, reduction, *arrays)
 
 
-def axis_mean(formula, y_true, y_pred, label_smoothing, pos_weight, axis) -> jax.Array:
+def axis_mean(
+  formula, y_true, y_pred, label_smoothing, pos_weight, axis, elementwise=None
+) -> jax.Array:
   """The per-sample losses: element losses averaged over `axis`."""
-  return loss_value(formula, y_true, y_pred, label_smoothing, pos_weight, axis, "none")
+  return loss_value(
+    formula, y_true, y_pred, label_smoothing, pos_weight, axis, "none", None, None, elementwise
+  )

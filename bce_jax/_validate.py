@@ -100,28 +100,34 @@ def check_label_smoothing(label_smoothing: Any) -> None:
     raise ValueError(f"`label_smoothing` must be in [0, 1]; got {label_smoothing!r}.")
 
 
-def _raise_empty_axis(axis: Any) -> None:
+# The function that gives every element's loss, named in errors about `axis`.
+BCE_ELEMENTWISE = "binary_crossentropy_elementwise"
+
+
+def _raise_empty_axis(axis: Any, elementwise: str) -> None:
   raise TypeError(
     f"`axis` must be an int or a non-empty tuple of ints; got {axis!r}. Name at "
-    f"least one axis to average over, or use binary_crossentropy_elementwise for the "
-    f"losses of every element."
+    f"least one axis to average over, or use {elementwise} for the losses of every "
+    f"element."
   )
 
 
-def normalize_axis(axis: Any, ndim: int) -> tuple[int, ...]:
-  """`axis` (int or tuple of ints) as sorted non-negative ints; ValueError if bad."""
+def normalize_axis(axis: Any, ndim: int, elementwise: str = BCE_ELEMENTWISE) -> tuple[int, ...]:
+  """`axis` (int or tuple of ints) as sorted non-negative ints; ValueError if bad.
+
+  `elementwise` names the loss's function without an axis, for the errors.
+  """
   axes = (axis,) if isinstance(axis, numbers.Integral) else axis
   if not isinstance(axes, Sequence) or not all(
     isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axes
   ):
     raise TypeError(f"`axis` must be an int or a tuple of ints; got {axis!r}.")
   if not axes:
-    _raise_empty_axis(axis)
+    _raise_empty_axis(axis, elementwise)
   if ndim == 0:
     raise ValueError(
       f"`axis` {axis!r} cannot be used with scalar (rank-0) inputs, which have no "
-      f"axis to average over; pass arrays of rank >= 1, or use "
-      f"binary_crossentropy_elementwise."
+      f"axis to average over; pass arrays of rank >= 1, or use {elementwise}."
     )
   out = []
   for a in map(int, axes):
@@ -163,7 +169,7 @@ def check_bool(name: str, value: Any) -> bool:
   return bool(value)
 
 
-def check_static_axis(axis: Any) -> int | tuple[int, ...]:
+def check_static_axis(axis: Any, elementwise: str = BCE_ELEMENTWISE) -> int | tuple[int, ...]:
   """Config-time `axis`: an int or a tuple of ints (lists become tuples)."""
   if isinstance(axis, numbers.Integral) and not isinstance(axis, bool):
     return int(axis)
@@ -174,7 +180,7 @@ def check_static_axis(axis: Any) -> int | tuple[int, ...]:
   ):
     return tuple(int(a) for a in axis)
   if isinstance(axis, (list, tuple)) and not axis:
-    _raise_empty_axis(axis)
+    _raise_empty_axis(axis, elementwise)
   raise TypeError(f"`axis` must be an int or a non-empty tuple of ints; got {axis!r}.")
 
 
@@ -220,6 +226,8 @@ def check_pos_weight(pos_weight: jax.Array, shape: tuple[int, ...]) -> None:
   PyTorch's rule for ``BCEWithLogitsLoss``: against `[B, C]` losses a scalar,
   `(C,)`, `(1, C)`, `(B, 1)` and `(B, C)` are all accepted.
   """
+  if pos_weight.dtype == jnp.bool_:
+    _raise_bool_pos_weight(pos_weight)
   try:
     out = jnp.broadcast_shapes(tuple(pos_weight.shape), shape)
   except ValueError:
@@ -289,6 +297,14 @@ def _nested_tuple(arr: np.ndarray) -> Any:
   return tuple(_nested_tuple(a) for a in arr)
 
 
+def _raise_bool_pos_weight(pos_weight: Any) -> None:
+  shown = pos_weight if isinstance(pos_weight, (bool, np.bool_)) else "a bool array"
+  raise TypeError(
+    f"`pos_weight` must be a number or an array of numbers, not a bool; got {shown}. "
+    f"It multiplies the positive term: pass 1.0 for no weighting, or None."
+  )
+
+
 def check_static_pos_weight(pos_weight: Any) -> float | tuple[Any, ...] | None:
   """Config-time `pos_weight`: None, a float, or (nested) tuples of floats >= 0."""
   if pos_weight is None:
@@ -297,6 +313,8 @@ def check_static_pos_weight(pos_weight: Any) -> float | tuple[Any, ...] | None:
     arr = np.asarray(pos_weight)
   except (TypeError, ValueError):
     arr = np.asarray(None)
+  if arr.dtype == np.bool_:
+    _raise_bool_pos_weight(pos_weight)
   # Strings ("2", ["1", "2"]) and bools are refused, not parsed.
   if not _is_real_number_dtype(arr.dtype):
     raise TypeError(

@@ -667,7 +667,7 @@ def _state(**fields):
     "count": jnp.float32(2),
     "count_err": jnp.float32(0),
   }
-  return bce_jax.MetricState(**{**base, **fields})
+  return bce_jax.MetricState(**{**base, **fields}, metric=Metric().init().metric)
 
 
 _BAD_STATES = {
@@ -765,7 +765,7 @@ class StateStructureTest(parameterized.TestCase):
 def _stacked_state(*shapes, dtype=jnp.float32):
   """A MetricState whose fields have the given shapes (one shape: all four)."""
   shapes = shapes * 4 if len(shapes) == 1 else shapes
-  return bce_jax.MetricState(*(jnp.zeros(s, dtype) for s in shapes))
+  return bce_jax.MetricState(*(jnp.zeros(s, dtype) for s in shapes), metric=Metric().init().metric)
 
 
 _BAD_STACKS = {
@@ -878,13 +878,14 @@ class ConfigTest(parameterized.TestCase):
     def step(metric, state, y, x):
       return metric.update(state, y, x)
 
-    state = Metric().init()
+    state = Metric(from_logits=True).init()
     for _ in range(3):  # a fresh but equal metric object each time
       state = step(Metric(from_logits=True, name="m"), state, SEED_TRUE, SEED_PRED)
     self.assertEqual(_count(state), 6.0)
-    # A different configuration is a different static value and does retrace.
+    # A different configuration (here only the name, so the state still fits)
+    # is a different static value and does retrace.
     with self.assertRaises(AssertionError):
-      step(Metric(from_logits=False), state, SEED_TRUE, SEED_PRED)
+      step(Metric(from_logits=True, name="other"), state, SEED_TRUE, SEED_PRED)
 
 
 class EagerDispatchTest(parameterized.TestCase):
