@@ -110,8 +110,11 @@ def top_k_labels(
     all_ids = jax.lax.all_gather(ids, axis_name, axis=1, tiled=True)
     scores, where = jax.lax.top_k(all_scores, k)
     ids = jnp.take_along_axis(all_ids, where, axis=1)
-    # Equal on every device: a max over the axis types them as replicated.
-    scores, ids = jax.lax.pmax(scores, axis_name), jax.lax.pmax(ids, axis_name)
+    # Equal on every device; device 0's copy, summed over the axis, is typed
+    # as replicated (and differentiable, unlike a max).
+    first = jax.lax.axis_index(axis_name) == 0
+    scores = jax.lax.psum(jnp.where(first, scores, jnp.zeros((), scores.dtype)), axis_name)
+    ids = jax.lax.psum(jnp.where(first, ids, 0), axis_name)
   return scores.astype(jnp.float32), ids
 
 
