@@ -87,6 +87,7 @@ def sweep(
   col_offset=0,
   precision=None,
   grads: bool = False,
+  value: bool = True,
 ) -> dict[str, jax.Array]:
   """Every tile of `a` against `b`: row loss sums and, with `grads`, derivatives.
 
@@ -108,6 +109,9 @@ def sweep(
     row_offset, col_offset: global index of ``a[0]`` and ``b[0]``.
     precision: passed to every ``lax.dot_general``.
     grads: also return the derivatives.
+    value: compute the row loss sums (else ``"loss"`` is zeros): False gives
+      the "skip loss" sweep (derivatives alone), for measuring what the
+      exact loss costs.
 
   Returns:
     A dict: ``"loss"`` ``[B]`` row sums in the accumulation dtype; with
@@ -157,7 +161,8 @@ def sweep(
       lists=lists,
     )
     out = dict(carry)
-    out["loss"] = carry["loss"] + jnp.sum(tile.losses(logits, pos), axis=1)
+    if value:
+      out["loss"] = carry["loss"] + jnp.sum(tile.losses(logits, pos), axis=1)
     if grads:
       g = tile.dlogits(logits, pos) * weight[:, None]
       out["da"] = carry["da"] + _dot(g.astype(operand), b_t, (1, 0), precision, acc)
