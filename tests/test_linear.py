@@ -68,10 +68,16 @@ def _rel(got, want):
 
 
 class AgainstReferenceTest(parameterized.TestCase):
-  @parameterized.product(
-    shape=[(1, 1, 1), (5, 37, 4), (16, 300, 8)],
-    block=[None, 1, 7, 64, 1000],
-    reduction=["sum", "mean"],
+  @parameterized.parameters(
+    # (rows, labels, dim), tile width (None: the default), label reduction
+    ((1, 1, 1), None, "sum"),
+    ((1, 1, 1), 4, "mean"),
+    ((5, 37, 4), 1, "sum"),
+    ((5, 37, 4), 7, "mean"),  # 5 whole tiles and one of 2 labels
+    ((5, 37, 4), 37, "sum"),  # one tile, exactly C
+    ((16, 300, 8), None, "mean"),
+    ((16, 300, 8), 64, "sum"),
+    ((16, 300, 8), 1000, "sum"),  # wider than C
   )
   def test_value_and_gradients(self, shape, block, reduction):
     h, w, b, pos = _data(*shape)
@@ -218,6 +224,48 @@ class AgainstReferenceTest(parameterized.TestCase):
     np.testing.assert_allclose(value, want[0], rtol=VALUE_RTOL, atol=1e-7)
     for got, expected in zip(grads, want[1:]):
       np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+class SweepTest(parameterized.TestCase):
+  """The tile sweep's other options: a scale, a scalar bias, the "diagonal" and
+  "ids" rules, row offsets, and the derivatives-only ("skip loss") sweep."""
+
+  @parameterized.parameters("diagonal", "ids")
+  def test_scale_scalar_bias_and_rules(self, rule):
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(6, 3)), rng.normal(size=(11, 3))
+    ids_a, ids_b = rng.integers(0, 3, 6), rng.integers(0, 3, 11)
+    scale, bias, offset = 1.5, -0.7, 4
+    if rule == "diagonal":
+      pos = (np.arange(6)[:, None] + offset) == np.arange(11)[None, :]
+    else:
+      pos = ids_a[:, None] == ids_b[None, :]
+    dots = a @ b.T
+    logits = scale * dots + bias
+    losses = ref.elementwise(pos, logits, from_logits=True)
+    g = ref.grad_logits(pos, logits)
+    kw = {"row_ids": jnp.asarray(ids_a), "col_ids": jnp.asarray(ids_b)} if rule == "ids" else {}
+    sweep = jax.jit(
+      lambda a, b, s, c, value: xla.sweep(
+        a, b, c, rule=rule, block=4, scale=s, row_offset=offset, grads=True, value=value, **kw
+      ),
+      static_argnums=4,
+    )
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    out = sweep(f32(a), f32(b), f32(scale), f32(bias), True)
+    self.assertLess(_rel(out["loss"], losses.sum(1)), VALUE_RTOL)
+    want = {
+      "da": scale * g @ b,
+      "db": scale * g.T @ a,
+      "dbias": g.sum(),
+      "dscale": np.sum(g * dots),
+    }
+    for name, expected in want.items():
+      self.assertLess(_rel(out[name], expected), GRAD_TOL, name)
+    skip = sweep(f32(a), f32(b), f32(scale), f32(bias), False)
+    np.testing.assert_array_equal(skip["loss"], 0.0)
+    for name in want:
+      np.testing.assert_array_equal(skip[name], out[name])
 
 
 class MemoryTest(absltest.TestCase):
