@@ -31,9 +31,6 @@ from bce_jax._config import Config
 from bce_jax._tiles import xla
 
 LABEL_REDUCTIONS = ("sum", "mean")
-# Platforms whose default tile width is chosen when the program is lowered
-# (the widths themselves: bce_jax._tiles.xla.TILE_ELEMENTS).
-_PLATFORMS = ("cpu", "cuda", "rocm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +63,7 @@ def _run_sweep(plan: _Plan, h, w, bias, lists, mask, weight, offset, *, grads: b
   args = (h, w, bias, lists, mask, weight, offset)
   if plan.block is not None:
     return run(plan.block, *args)
-  rows = h.shape[0]
-  branches = {p: functools.partial(run, xla.default_block(p, rows)) for p in _PLATFORMS}
-  default = functools.partial(run, xla.default_block("default", rows))
-  return jax.lax.platform_dependent(*args, default=default, **branches)
+  return xla.at_default_block(run, h.shape[0], *args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

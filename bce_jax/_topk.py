@@ -98,12 +98,7 @@ def top_k_labels(
   if block_size is not None:
     scores, ids = run(block_size, h, w, bias, offset)
   else:
-    rows = h.shape[0]
-    branches = {
-      p: functools.partial(run, xla.default_block(p, rows)) for p in ("cpu", "cuda", "rocm")
-    }
-    default = functools.partial(run, xla.default_block("default", rows))
-    scores, ids = jax.lax.platform_dependent(h, w, bias, offset, default=default, **branches)
+    scores, ids = xla.at_default_block(run, h.shape[0], h, w, bias, offset)
   if axis_name is not None and devices > 1:
     # Every shard's top-k, shard 0 first (lower ids win ties), then the best k.
     all_scores = jax.lax.all_gather(scores, axis_name, axis=1, tiled=True)

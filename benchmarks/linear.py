@@ -20,7 +20,7 @@ interleaved repeats after an ahead-of-time compile.
 
 Usage::
 
-  python benchmarks/linear.py              # C = 2^14 .. 2^20 (~4 min on 2 cores)
+  python benchmarks/linear.py              # C = 2^14 .. 2^20 (~5 min of CPU time on 2 cores)
   python benchmarks/linear.py --quick      # C = 2^12, 2^14; a smoke test (~1 min)
   python benchmarks/linear.py --dtype bfloat16 --labels 1048576 3145728 --dim 512   # a GPU run
 

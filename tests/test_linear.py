@@ -308,6 +308,14 @@ class DefaultBlockTest(absltest.TestCase):
         other = 32768 if block == 2048 else 2048
         self.assertNotIn(f"tensor<1024x{other}xf32>", text)
 
+  def test_top_k_tiles(self):
+    h, w = jnp.zeros((1024, 8)), jnp.zeros((100_000, 8))
+    fn = jax.jit(lambda h, w: bce_jax.top_k_labels(h, w, 5))
+    for platform, block in (("cpu", 2048), ("cuda", 32768)):
+      with self.subTest(platform=platform):
+        text = fn.trace(h, w).lower(lowering_platforms=(platform,)).as_text()
+        self.assertIn(f"tensor<1024x{block}xf32>", text)
+
   def test_block_clamped(self):
     self.assertEqual(xla.default_block("cpu", 1 << 30), 128)
     self.assertEqual(xla.default_block("cuda", 1), 1 << 17)

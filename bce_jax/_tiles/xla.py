@@ -29,6 +29,8 @@ A GPU kernel can take this function's place: same arguments, same outputs.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +44,7 @@ from bce_jax._tiles import tile
 # tiles that were fastest on an H200 at B = 1024 (plain XLA, 3.1M labels).
 TILE_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 25, "rocm": 1 << 25, "default": 1 << 23}
 _MIN_BLOCK, _MAX_BLOCK = 128, 1 << 17
+_PLATFORMS = ("cpu", "cuda", "rocm")
 
 
 def default_block(platform: str, rows: int) -> int:
@@ -49,6 +52,18 @@ def default_block(platform: str, rows: int) -> int:
   budget = TILE_ELEMENTS.get(platform, TILE_ELEMENTS["default"])
   block = 1 << max(int(budget // max(rows, 1)).bit_length() - 1, 0)
   return int(np.clip(block, _MIN_BLOCK, _MAX_BLOCK))
+
+
+def at_default_block(fn, rows: int, *args):
+  """``fn(block, *args)`` with the default tile width of the platform lowered for.
+
+  The choice is made by ``jax.lax.platform_dependent`` when the program is
+  lowered (a program cross-lowered for CUDA on a CPU host gets the GPU
+  width); lowering for one platform keeps only that platform's branch.
+  """
+  branches = {p: functools.partial(fn, default_block(p, rows)) for p in _PLATFORMS}
+  default = functools.partial(fn, default_block("default", rows))
+  return jax.lax.platform_dependent(*args, default=default, **branches)
 
 
 def varying_axes(a: jax.Array) -> frozenset:
