@@ -255,3 +255,53 @@ def pairwise_sigmoid(x, y, scale, bias, positives=None, mask=None):
   g = -z * sigmoid(-z * logits) / n  # d loss / d logits
   dx[keep], dy[keep] = scale * g @ ys, scale * g.T @ xs
   return loss, dx, dy, float(np.sum(g * dots)), float(np.sum(g))
+
+
+def dense_labels(positives, num_labels):
+  """A dense 0/1 ``[B, C]`` matrix from ``[B, K]`` id lists (-1 pads, repeats once)."""
+  positives = np.asarray(positives)
+  labels = np.zeros((positives.shape[0], num_labels))
+  for row, ids in enumerate(positives):
+    for c in ids:
+      if 0 <= c < num_labels:
+        labels[row, c] = 1.0
+  return labels
+
+
+def linear_bce(h, w, positives, bias=None, mask=None, label_reduction="sum"):
+  """(loss, dh, dw, dbias) of one-vs-all BCE on the dense logits ``h @ w.T + bias``.
+
+  The loss is the mean over included rows of each row's element losses,
+  summed over the labels ("sum") or averaged ("mean"); 0 with no row.
+  Excluded rows get zero gradients whatever they hold.
+  """
+  h, w = _f64(h), _f64(w)
+  rows, labels = h.shape[0], w.shape[0]
+  include = np.ones(rows, bool) if mask is None else np.asarray(mask, bool)
+  h = np.where(include[:, None], h, 0.0)
+  logits = h @ w.T + (0.0 if bias is None else _f64(bias))
+  y = dense_labels(positives, labels)
+  per = 1.0 / max(include.sum(), 1) / (labels if label_reduction == "mean" else 1)
+  weight = np.where(include, per, 0.0)[:, None]
+  loss = np.sum(weight * elementwise(y, logits, from_logits=True))
+  g = weight * (sigmoid(logits) - y)
+  return loss, g @ w, g.T @ h, g.sum(axis=0)
+
+
+def top_k_metrics(ids, positives, ks, mask=None):
+  """{"precision@k": .., "ndcg@k": ..}: row means of precision@k and nDCG@k."""
+  ids, positives = np.asarray(ids), np.asarray(positives)
+  include = np.ones(len(ids), bool) if mask is None else np.asarray(mask, bool)
+  out = {}
+  for k in ks:
+    prec, ndcg = [], []
+    for row in np.flatnonzero(include):
+      pos = {int(c) for c in positives[row] if c >= 0}
+      hits = [1.0 if int(c) in pos else 0.0 for c in ids[row, :k]]
+      prec.append(sum(hits) / k)
+      dcg = sum(hit / np.log2(r + 2) for r, hit in enumerate(hits))
+      ideal = sum(1 / np.log2(r + 2) for r in range(min(k, len(pos))))
+      ndcg.append(dcg / ideal if ideal > 0 else 0.0)
+    out[f"precision@{k}"] = float(np.mean(prec)) if prec else 0.0
+    out[f"ndcg@{k}"] = float(np.mean(ndcg)) if ndcg else 0.0
+  return out
