@@ -52,6 +52,7 @@ from bce_jax._tiles import pallas_triton_config as _config
 from bce_jax._tiles import pallas_triton_kernel as _kernel
 from bce_jax._tiles import tile
 
+_pltriton: Any
 try:  # the Triton backend's options; absent from some jax builds
   from jax.experimental.pallas import triton as _pltriton
 except ImportError:  # pragma: no cover - depends on the installed jax
@@ -128,10 +129,6 @@ def sweep(
   dtype = jnp.promote_types(a.dtype, b.dtype)
   if dtype == jnp.float64:
     raise NotImplementedError("the Triton kernels take float16/bfloat16/float32, not float64.")
-  if rule == "ids" and (row_ids is None or col_ids is None):
-    raise ValueError("the 'ids' rule needs `row_ids` and `col_ids`.")
-  if rule == "lists" and lists is None:
-    raise ValueError("the 'lists' rule needs `lists`.")
   (rows, dim), cols = a.shape, b.shape[0]
   cfg = config or _config.choose(rows, cols, dim)
   bm, bn, dim_p = cfg.block_rows, cfg.block_cols, _config.padded_dim(dim)
@@ -150,8 +147,12 @@ def sweep(
   bias_p = _pad(jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (cols,)), cols_p)
   args = [jnp.asarray(scale, jnp.float32).reshape(1), a_p, b_p, bias_p, row_ok, col_ok]
   if rule == "ids":
+    if row_ids is None or col_ids is None:
+      raise ValueError("the 'ids' rule needs `row_ids` and `col_ids`.")
     args += [_pad(row_ids, rows_p), _pad(col_ids, cols_p)]
   elif rule == "lists":
+    if lists is None:
+      raise ValueError("the 'lists' rule needs `lists`.")
     k = lists.shape[1]
     k_p = 1 << max(k - 1, 0).bit_length()  # a power of two: a Triton block
     args.append(

@@ -87,7 +87,7 @@ def _tile(spec: Spec, s, a, b, bias, row_ok, col_ok, row_start, col_start, ids, 
   row_ids, col_ids = ids
   pos = tile.positive(
     spec.rule,
-    dots.shape,
+    (a.shape[0], b.shape[0]),
     row_start=row_start,
     col_start=col_start,
     row_ids=row_ids,
