@@ -127,6 +127,24 @@ class AgainstReferenceTest(parameterized.TestCase):
       self.assertTrue(np.all(np.isfinite(got[name])), name)
       self.assertLess(_rel(got[name], value), TOL[dtype], name)
 
+  def test_ids_in_two_parts(self):
+    # 64-bit ids as two int32 halves: positive only where both halves agree.
+    rng = np.random.default_rng(1)
+    a, b, bias, _, _ = _case(29, 29, 16, "diagonal")
+    high, low = rng.integers(0, 2, (2, 29)), rng.integers(0, 3, (2, 29))
+    kw = {
+      "row_ids": jnp.asarray(np.stack([high[0], low[0]], 1), jnp.int32),
+      "col_ids": jnp.asarray(np.stack([high[1], low[1]], 1), jnp.int32),
+    }
+    positive = (high[0][:, None] == high[1][None, :]) & (low[0][:, None] == low[1][None, :])
+    got = _sweep("ids", 16)(
+      jnp.asarray(a), jnp.asarray(b), jnp.float32(SCALE), jnp.asarray(bias), kw
+    )
+    want = _reference.bilinear_sweep(a, b, SCALE, bias, positive)
+    want["dbias"] = want["dbias"].sum()
+    for name, value in want.items():
+      self.assertLess(_rel(got[name], value), TOL["float32"], name)
+
   def test_value_only_equals_value_with_derivatives(self):
     a, b, bias, kw, _ = _case(37, 29, 16, "ids", masked=True)
     args = (jnp.asarray(a), jnp.asarray(b), jnp.float32(SCALE), jnp.asarray(bias), kw)

@@ -99,7 +99,9 @@ def sweep(
     scale: ``s``, a scalar.
     bias: a scalar, or one value per column ``[C]``.
     rule: the positives rule, one of :data:`.tile.RULES`.
-    row_ids, col_ids: ``[B]`` and ``[C]`` integer ids, for ``"ids"``.
+    row_ids, col_ids: ``[B]`` and ``[C]`` integer ids, for ``"ids"``; or
+      ``[B, P]`` and ``[C, P]``, ``P`` parts of each id (a pair is positive
+      where all parts are equal: the halves of 64-bit ids).
     lists: ``[B, K]`` positive column ids per row (``-1`` pads), for
       ``"lists"``.
     row_mask, col_mask: optional bool ``[B]`` and ``[C]``; False excludes
@@ -149,7 +151,8 @@ def sweep(
   if rule == "ids":
     if row_ids is None or col_ids is None:
       raise ValueError("the 'ids' rule needs `row_ids` and `col_ids`.")
-    args += [_pad(row_ids, rows_p), _pad(col_ids, cols_p)]
+    parts = [x if x.ndim == 2 else x[:, None] for x in (row_ids, col_ids)]
+    args += [_pad(parts[0], rows_p).T, _pad(parts[1], cols_p).T]  # [P, N]: a part a load
   elif rule == "lists":
     if lists is None:
       raise ValueError("the 'lists' rule needs `lists`.")
@@ -167,8 +170,15 @@ def sweep(
   def whole(x):
     return pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim)
 
-  def block(x, size):
-    return pl.BlockSpec((size, *x.shape[1:]), lambda i: (i,) + (0,) * (x.ndim - 1))
+  def block(x, size, axis=0):
+    shape = list(x.shape)
+    shape[axis] = size
+    return pl.BlockSpec(tuple(shape), lambda i: tuple(i if d == axis else 0 for d in range(x.ndim)))
+
+  def spec_of(i, x, blocked, size):
+    if i not in blocked:
+      return whole(x)
+    return block(x, size, axis=1 if rule == "ids" and i >= 6 else 0)  # ids are [P, N]
 
   row_blocked = {1, 4} | ({6} if rule in ("ids", "lists") else set())  # a, row_ok, row_ids/lists
   col_blocked = {2, 3, 5} | ({7} if rule == "ids" else set())  # b, bias, col_ok, col_ids
@@ -180,7 +190,7 @@ def sweep(
     functools.partial(_kernel.rows_kernel, spec=spec),
     out_shape=row_outs,
     grid=(rows_p // bm,),
-    in_specs=[block(x, bm) if i in row_blocked else whole(x) for i, x in enumerate(args)],
+    in_specs=[spec_of(i, x, row_blocked, bm) for i, x in enumerate(args)],
     out_specs=[block(o, bm) for o in row_outs],
   )(*args)
   out = {"loss": row_out[0][:rows]}
@@ -191,7 +201,7 @@ def sweep(
     functools.partial(_kernel.cols_kernel, spec=spec),
     out_shape=col_outs,
     grid=(cols_p // bn,),
-    in_specs=[block(x, bn) if i in col_blocked else whole(x) for i, x in enumerate(args)],
+    in_specs=[spec_of(i, x, col_blocked, bn) for i, x in enumerate(args)],
     out_specs=[block(o, bn) for o in col_outs],
   )(*args)
   dbias = gsum[:cols]

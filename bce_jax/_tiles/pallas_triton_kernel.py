@@ -14,7 +14,9 @@ Refs, in order (``*`` marks the block a program owns; the others are whole
 arrays indexed with ``pl.ds``):
 ``scale [1]``, ``a [Bp, Dp]``, ``b [Cp, Dp]``, ``bias [Cp]``,
 ``row_ok [Bp]``, ``col_ok [Cp]`` (int32, 0 excludes), then
-``row_ids [Bp]``, ``col_ids [Cp]`` for the ``"ids"`` rule or
+``row_ids [P, Bp]``, ``col_ids [P, Cp]`` for the ``"ids"`` rule (``P``
+parts, e.g. the two halves of 64-bit ids; a pair is positive where all
+agree) or
 ``lists [Bp, K]`` for ``"lists"``; then the outputs. ``a``, ``row_ok``,
 ``row_ids`` and ``lists`` are blocks in the row kernel; ``b``, ``bias``,
 ``col_ok`` and ``col_ids`` in the column kernel.
@@ -85,17 +87,22 @@ def _tile(spec: Spec, s, a, b, bias, row_ok, col_ok, row_start, col_start, ids, 
   )
   logits = s * dots + bias[None, :]
   row_ids, col_ids = ids
-  pos = tile.positive(
-    spec.rule,
-    (a.shape[0], b.shape[0]),
-    row_start=row_start,
-    col_start=col_start,
-    row_ids=row_ids,
-    col_ids=col_ids,
-    lists=lists,
-  )
+  shape = (a.shape[0], b.shape[0])
+  if spec.rule == "ids":  # every part of the ids equal
+    pos = tile.positive("ids", shape, row_ids=row_ids[0], col_ids=col_ids[0])
+    for row_part, col_part in zip(row_ids[1:], col_ids[1:]):
+      pos = pos & tile.positive("ids", shape, row_ids=row_part, col_ids=col_part)
+  else:
+    pos = tile.positive(spec.rule, shape, row_start=row_start, col_start=col_start, lists=lists)
   ok = (row_ok[:, None] != 0) & (col_ok[None, :] != 0)
   return dots, logits, pos, ok
+
+
+def _parts(ref, index) -> tuple[jax.Array, ...] | None:
+  """The ``[size]`` ids of each part at `index`, from a ``[P, N]`` ref."""
+  if ref is None:
+    return None
+  return tuple(ref[k, index] for k in range(ref.shape[0]))
 
 
 def _dot(x, y, contract: tuple[int, int], precision):
@@ -113,13 +120,13 @@ def rows_kernel(*refs, spec: Spec) -> None:
   s = scale_ref[0]
   a = a_ref[...]
   row_ok = row_ok_ref[...]
-  row_ids = rid_ref[...] if rid_ref is not None else None
+  row_ids = _parts(rid_ref, slice(None))
 
   def step(j, carry):
     col_start = j * bn
     cols = pl.ds(col_start, bn)
     b = b_ref[cols, :]
-    col_ids = cid_ref[cols] if cid_ref is not None else None
+    col_ids = _parts(cid_ref, cols)
     dots, logits, pos, ok = _tile(
       spec,
       s,
@@ -164,13 +171,13 @@ def cols_kernel(*refs, spec: Spec) -> None:
   s = scale_ref[0]
   b = b_ref[...]
   bias, col_ok = bias_ref[...], col_ok_ref[...]
-  col_ids = cid_ref[...] if cid_ref is not None else None
+  col_ids = _parts(cid_ref, slice(None))
 
   def step(i, carry):
     row_start = i * bm
     rows = pl.ds(row_start, bm)
     a = a_ref[rows, :]
-    row_ids = rid_ref[rows] if rid_ref is not None else None
+    row_ids = _parts(rid_ref, rows)
     lists = _Lists(lists_ref, row_start, bm) if lists_ref is not None else None
     _, logits, pos, ok = _tile(
       spec,
