@@ -74,7 +74,19 @@ def _pad(a: jax.Array, n: int, fill: Any = 0) -> jax.Array:
   return jnp.pad(a, widths, constant_values=fill)
 
 
-def sweep(
+def _mma_dtype(dtype: Any, precision: Any) -> np.dtype:
+  """The dtype ``g`` and the embeddings take in the two gradient dots: a
+  16-bit input dtype (the tensor-core rate), unless `precision` asks for
+  float32 (HIGHEST), as float32 inputs always get."""
+  highest = jax.lax.Precision.HIGHEST
+  if isinstance(precision, str):
+    precision = jax.lax.Precision(precision)
+  wants_f32 = precision == highest or (isinstance(precision, tuple) and highest in precision)
+  small = jnp.dtype(dtype).itemsize == 2
+  return np.dtype(dtype if small and not wants_f32 else jnp.float32)
+
+
+def parts(
   a: jax.Array,
   b: jax.Array,
   scale: jax.Array,
@@ -86,41 +98,20 @@ def sweep(
   lists: jax.Array | None = None,
   row_mask: jax.Array | None = None,
   col_mask: jax.Array | None = None,
+  value: bool = True,
   grads: bool = True,
   precision: Any = None,
   config: Config | None = None,
   interpret: bool = False,
 ) -> dict[str, jax.Array]:
-  """The loss and its gradient pieces over all ``[B, C]`` pairs, in two kernels.
-
-  Args:
-    a: rows ``[B, D]``, a float dtype (not float64).
-    b: columns ``[C, D]``, a float dtype.
-    scale: ``s``, a scalar.
-    bias: a scalar, or one value per column ``[C]``.
-    rule: the positives rule, one of :data:`.tile.RULES`.
-    row_ids, col_ids: ``[B]`` and ``[C]`` integer ids, for ``"ids"``; or
-      ``[B, P]`` and ``[C, P]``, ``P`` parts of each id (a pair is positive
-      where all parts are equal: the halves of 64-bit ids).
-    lists: ``[B, K]`` positive column ids per row (``-1`` pads), for
-      ``"lists"``.
-    row_mask, col_mask: optional bool ``[B]`` and ``[C]``; False excludes
-      that row (column) from every pair; its embedding may hold nan.
-    grads: also compute the derivatives.
-    precision: of the dots, as ``jnp.dot``'s.
-    config: block sizes; None: :func:`.pallas_triton_config.choose`.
-    interpret: run the kernels in Pallas's interpreter (any backend).
+  """The sweep's raw sums, before the scale is applied (see :func:`sweep`).
 
   Returns:
-    A dict of float32 arrays: ``loss`` ``[B]`` (row sums of the element
-    losses); with `grads` the derivatives of ``sum(loss)``: ``da``
-    ``[B, D]``, ``db`` ``[C, D]``, ``dscale`` ``()`` and ``dbias`` (the
-    shape of `bias`).
-
-  Raises:
-    NotImplementedError: for float64 inputs, or where this jax has no
-      Pallas Triton backend.
-    ValueError: for an unknown `rule` or missing ids.
+    A dict of float32 arrays: with `value`, ``loss`` ``[B]`` (row sums of
+    the element losses); with `grads`, with ``g = sigmoid(z) - label`` (0
+    for excluded pairs): ``g_rows`` ``[B]`` and ``g_cols`` ``[C]`` (its row
+    and column sums), ``gdot_rows`` ``[B]`` (row sums of ``g <a_i, b_j>``),
+    ``g_b`` ``[B, D]`` (``g b``) and ``gt_a`` ``[C, D]`` (``g^T a``).
   """
   if _pltriton is None:
     raise NotImplementedError(
@@ -145,14 +136,13 @@ def sweep(
 
   a_p, row_ok = prepare(a, row_mask, rows_p)
   b_p, col_ok = prepare(b, col_mask, cols_p)
-  scalar_bias = jnp.ndim(bias) == 0
   bias_p = _pad(jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (cols,)), cols_p)
   args = [jnp.asarray(scale, jnp.float32).reshape(1), a_p, b_p, bias_p, row_ok, col_ok]
   if rule == "ids":
     if row_ids is None or col_ids is None:
       raise ValueError("the 'ids' rule needs `row_ids` and `col_ids`.")
-    parts = [x if x.ndim == 2 else x[:, None] for x in (row_ids, col_ids)]
-    args += [_pad(parts[0], rows_p).T, _pad(parts[1], cols_p).T]  # [P, N]: a part a load
+    ids = [x if x.ndim == 2 else x[:, None] for x in (row_ids, col_ids)]
+    args += [_pad(ids[0], rows_p).T, _pad(ids[1], cols_p).T]  # [P, N]: a part a load
   elif rule == "lists":
     if lists is None:
       raise ValueError("the 'lists' rule needs `lists`.")
@@ -162,8 +152,8 @@ def sweep(
       jnp.pad(lists.astype(jnp.int32), ((0, rows_p - rows), (0, k_p - k)), constant_values=-1)
     )
 
-  mma = dtype if jnp.dtype(dtype).itemsize == 2 else jnp.float32
-  spec = _kernel.Spec(rule, rows_p, cols_p, bm, bn, True, grads, precision, np.dtype(mma))
+  mma = _mma_dtype(dtype, precision)
+  spec = _kernel.Spec(rule, rows_p, cols_p, bm, bn, value, grads, precision, mma)
   params = _pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
   call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
 
@@ -182,33 +172,82 @@ def sweep(
 
   row_blocked = {1, 4} | ({6} if rule in ("ids", "lists") else set())  # a, row_ok, row_ids/lists
   col_blocked = {2, 3, 5} | ({7} if rule == "ids" else set())  # b, bias, col_ok, col_ids
-  f32 = jnp.float32
-  row_outs = [jax.ShapeDtypeStruct((rows_p,), f32)]
-  if grads:
-    row_outs += [jax.ShapeDtypeStruct((rows_p,), f32), jax.ShapeDtypeStruct((rows_p, dim_p), f32)]
-  row_out = call(
+  shapes = {"loss": (rows_p,), "g_rows": (rows_p,), "gdot_rows": (rows_p,), "g_b": (rows_p, dim_p)}
+  names = (["loss"] if value else []) + (["g_rows", "gdot_rows", "g_b"] if grads else [])
+  row_outs = [jax.ShapeDtypeStruct(shapes[n], jnp.float32) for n in names]
+  found = call(
     functools.partial(_kernel.rows_kernel, spec=spec),
     out_shape=row_outs,
     grid=(rows_p // bm,),
     in_specs=[spec_of(i, x, row_blocked, bm) for i, x in enumerate(args)],
     out_specs=[block(o, bm) for o in row_outs],
   )(*args)
-  out = {"loss": row_out[0][:rows]}
+  out = {n: v[:rows, :dim] if v.ndim == 2 else v[:rows] for n, v in zip(names, found)}
   if not grads:
     return out
-  col_outs = [jax.ShapeDtypeStruct((cols_p,), f32), jax.ShapeDtypeStruct((cols_p, dim_p), f32)]
-  gsum, db = call(
+  col_outs = [
+    jax.ShapeDtypeStruct((cols_p,), jnp.float32),
+    jax.ShapeDtypeStruct((cols_p, dim_p), jnp.float32),
+  ]
+  g_cols, gt_a = call(
     functools.partial(_kernel.cols_kernel, spec=spec),
     out_shape=col_outs,
     grid=(cols_p // bn,),
     in_specs=[spec_of(i, x, col_blocked, bn) for i, x in enumerate(args)],
     out_specs=[block(o, bn) for o in col_outs],
   )(*args)
-  dbias = gsum[:cols]
-  out.update(
-    da=row_out[2][:rows, :dim],
-    db=db[:cols, :dim],
-    dscale=jnp.sum(row_out[1][:rows]),
-    dbias=jnp.sum(dbias) if scalar_bias else dbias,
-  )
+  return {**out, "g_cols": g_cols[:cols], "gt_a": gt_a[:cols, :dim]}
+
+
+def sweep(
+  a: jax.Array,
+  b: jax.Array,
+  scale: jax.Array,
+  bias: jax.Array,
+  *,
+  grads: bool = True,
+  **options: Any,
+) -> dict[str, jax.Array]:
+  """The loss and its gradient pieces over all ``[B, C]`` pairs, in two kernels.
+
+  Args:
+    a: rows ``[B, D]``, a float dtype (not float64).
+    b: columns ``[C, D]``, a float dtype.
+    scale: ``s``, a scalar.
+    bias: a scalar, or one value per column ``[C]``.
+    grads: also compute the derivatives.
+    **options: of :func:`parts`:
+      ``rule``: the positives rule, one of :data:`.tile.RULES`;
+      ``row_ids``, ``col_ids``: ``[B]`` and ``[C]`` integer ids for
+      ``"ids"``, or ``[B, P]`` and ``[C, P]``, ``P`` parts of each id (a pair
+      is positive where all parts are equal: the halves of 64-bit ids);
+      ``lists``: ``[B, K]`` positive column ids per row (``-1`` pads), for
+      ``"lists"``;
+      ``row_mask``, ``col_mask``: bool ``[B]`` and ``[C]``, False excludes
+      that row (column) from every pair; its embedding may hold nan;
+      ``precision``: of the dots, as ``jnp.dot``'s;
+      ``config``: block sizes (None: :func:`.pallas_triton_config.choose`);
+      ``interpret``: run the kernels in Pallas's interpreter (any backend).
+
+  Returns:
+    A dict of float32 arrays: ``loss`` ``[B]`` (row sums of the element
+    losses); with `grads` the derivatives of ``sum(loss)``: ``da``
+    ``[B, D]``, ``db`` ``[C, D]``, ``dscale`` ``()`` and ``dbias`` (the
+    shape of `bias`).
+
+  Raises:
+    NotImplementedError: for float64 inputs, or where this jax has no
+      Pallas Triton backend.
+    ValueError: for an unknown `rule` or missing ids.
+  """
+  raw = parts(a, b, scale, bias, grads=grads, **options)
+  out = {"loss": raw["loss"]}
+  if grads:
+    s = jnp.asarray(scale, jnp.float32)
+    out.update(
+      da=s * raw["g_b"],
+      db=s * raw["gt_a"],
+      dscale=jnp.sum(raw["gdot_rows"]),
+      dbias=jnp.sum(raw["g_cols"]) if jnp.ndim(bias) == 0 else raw["g_cols"],
+    )
   return out

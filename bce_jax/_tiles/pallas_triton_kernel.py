@@ -1,11 +1,12 @@
 """The two Pallas-Triton kernels of the tile sweep, without their wrapper.
 
 ``rows_kernel`` runs one program per ``[block_rows]`` block of ``a`` and
-walks over every column block: per-row loss sums, per-row sums of
-``g <a_i, b_j>`` (for ``dL/dscale``) and ``dL/da = s g b`` for its rows.
+walks over every column block: per-row sums of the losses, of ``g`` and of
+``g <a_i, b_j>`` (for ``dL/dscale``), and ``g b`` for its rows.
 ``cols_kernel`` runs one program per ``[block_cols]`` block of ``b`` and
 walks over every row block, recomputing the logits: per-column sums of
-``g`` (``dL/dbias``) and ``dL/db = s g^T a``. Each program owns the rows it
+``g`` (``dL/dbias``) and ``g^T a``. The wrapper applies the scale
+(``dL/da = s g b``). Each program owns the rows it
 writes, so no atomics and no tile reaches HBM; the price is the logits'
 matmul twice (four matmuls a tile pair instead of three), as in
 FlashAttention-2's backward pass.
@@ -140,24 +141,26 @@ def rows_kernel(*refs, spec: Spec) -> None:
       (row_ids, col_ids),
       None if lists_ref is None else _Lists(lists_ref, 0, bm),
     )
-    loss, gdot, da = carry
+    loss, grow, gdot, gb = carry
     if spec.value:
       loss = loss + jnp.sum(jnp.where(ok, tile.losses(logits, pos), 0.0), axis=1)
     if spec.grads:
       g = jnp.where(ok, tile.dlogits(logits, pos), 0.0)
+      grow = grow + jnp.sum(g, axis=1)
       gdot = gdot + jnp.sum(g * dots, axis=1)
-      da = da + _dot(g.astype(spec.mma_dtype), b, (1, 0), spec.precision)
-    return loss, gdot, da
+      gb = gb + _dot(g.astype(spec.mma_dtype), b.astype(spec.mma_dtype), (1, 0), spec.precision)
+    return loss, grow, gdot, gb
 
   zeros_rows = jnp.zeros((bm,), jnp.float32)
-  init = (zeros_rows, zeros_rows, jnp.zeros(a.shape, jnp.float32))
-  loss, gdot, da = jax.lax.fori_loop(0, spec.cols // bn, step, init)
+  init = (zeros_rows, zeros_rows, zeros_rows, jnp.zeros(a.shape, jnp.float32))
+  loss, grow, gdot, gb = jax.lax.fori_loop(0, spec.cols // bn, step, init)
   if spec.value:
     outs[0][...] = loss
     outs = outs[1:]
   if spec.grads:
-    outs[0][...] = gdot
-    outs[1][...] = s * da
+    outs[0][...] = grow
+    outs[1][...] = gdot
+    outs[2][...] = gb
 
 
 def cols_kernel(*refs, spec: Spec) -> None:
@@ -195,10 +198,10 @@ def cols_kernel(*refs, spec: Spec) -> None:
     gsum, db = carry
     g = jnp.where(ok, tile.dlogits(logits, pos), 0.0)
     gsum = gsum + jnp.sum(g, axis=0)
-    db = db + _dot(g.astype(spec.mma_dtype), a, (0, 0), spec.precision)
+    db = db + _dot(g.astype(spec.mma_dtype), a.astype(spec.mma_dtype), (0, 0), spec.precision)
     return gsum, db
 
   init = (jnp.zeros((bn,), jnp.float32), jnp.zeros(b.shape, jnp.float32))
   gsum, db = jax.lax.fori_loop(0, spec.rows // bm, step, init)
   outs[0][...] = gsum
-  outs[1][...] = s * db
+  outs[1][...] = db
