@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 from hypothesis import strategies as st
+from jax.sharding import PartitionSpec as P
 
 from bce_jax._tiles import pallas_triton, pallas_triton_config
 from tests import _reference
@@ -229,6 +230,63 @@ class CudaLoweringTest(parameterized.TestCase):
     except Exception as error:  # noqa: BLE001 - a CPU-only jaxlib may not lower for CUDA
       self.skipTest(f"this jaxlib cannot lower Pallas-Triton for CUDA: {error!r:.200}")
     self.assertEqual(lowered.as_text().count("xla.gpu.triton"), 2 if grads else 1)
+
+
+@needs_triton
+class ShardMapTest(parameterized.TestCase):
+  """Inside ``jax.shard_map`` (a one-device mesh: the kernel is per device)."""
+
+  def setUp(self):
+    super().setUp()
+    self.mesh = jax.make_mesh((1,), ("d",))
+    self.a, self.b, self.bias, _, _ = _case(24, 24, 16, "diagonal")
+
+  def _mapped(self, check_vma, **options):
+    def local(a, b, s):
+      out = pallas_triton.sweep(a, b, s, jnp.float32(BIAS), **options)
+      # a's rows are sharded: every device adds to the derivatives of b and s.
+      return out["loss"], out["da"], *jax.lax.psum((out["db"], out["dscale"]), "d")
+
+    specs = (P("d"), P(), P())
+    return jax.shard_map(
+      local,
+      mesh=self.mesh,
+      in_specs=specs,
+      out_specs=(P("d"), P("d"), P(), P()),
+      check_vma=check_vma,
+    )
+
+  def test_interpreted_equals_unmapped(self):
+    # Pallas's interpreter itself rejects check_vma (a dynamic_slice over
+    # the grid), so this runs without it; the CUDA lowering below keeps it.
+    config = pallas_triton_config.Config(16, 16)
+    mapped = self._mapped(False, interpret=True, config=config)
+    put = lambda x, spec: jax.device_put(jnp.asarray(x), jax.NamedSharding(self.mesh, spec))
+    got = jax.jit(mapped)(put(self.a, P("d")), put(self.b, P()), put(np.float32(SCALE), P()))
+    want = pallas_triton.sweep(
+      jnp.asarray(self.a),
+      jnp.asarray(self.b),
+      jnp.float32(SCALE),
+      jnp.float32(BIAS),
+      interpret=True,
+      config=config,
+    )
+    for g, name in zip(got, ("loss", "da", "db", "dscale")):
+      np.testing.assert_allclose(g, want[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+  def test_lowers_for_cuda_with_check_vma(self):
+    def typed(spec):
+      return jax.ShapeDtypeStruct(
+        (24, 16), jnp.bfloat16, sharding=jax.NamedSharding(self.mesh, spec)
+      )
+
+    scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=jax.NamedSharding(self.mesh, P()))
+    traced = jax.jit(self._mapped(True)).trace(typed(P("d")), typed(P()), scale)
+    try:
+      lowered = traced.lower(lowering_platforms=("cuda",))
+    except Exception as error:  # noqa: BLE001 - a CPU-only jaxlib may not lower for CUDA
+      self.skipTest(f"this jaxlib cannot lower Pallas-Triton for CUDA: {error!r:.200}")
+    self.assertIn("xla.gpu.triton", lowered.as_text())
 
 
 class ConfigTest(parameterized.TestCase):

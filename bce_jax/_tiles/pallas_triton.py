@@ -74,6 +74,39 @@ def _pad(a: jax.Array, n: int, fill: Any = 0) -> jax.Array:
   return jnp.pad(a, widths, constant_values=fill)
 
 
+def _varying_axes(a: jax.Array) -> frozenset:
+  """The ``shard_map`` axes `a` varies over (none outside one, or without check_vma)."""
+  aval = jax.typeof(a) if hasattr(jax, "typeof") else None
+  kind = getattr(aval, "manual_axis_type", None)
+  return kind.varying if kind is not None else getattr(aval, "vma", frozenset())
+
+
+def _same_axes(args: list[jax.Array]) -> list[jax.Array]:
+  """`args`, each marked varying over every ``shard_map`` axis any of them
+  varies over: a kernel's outputs then vary over those axes too."""
+  axes = frozenset().union(*map(_varying_axes, args))
+  out = []
+  for a in args:
+    missing = tuple(sorted(axes - _varying_axes(a), key=str))
+    out.append(jax.lax.pcast(a, missing, to="varying") if missing else a)
+  return out
+
+
+def _out_type(shape: tuple[int, ...], like: jax.Array) -> jax.ShapeDtypeStruct:
+  """A float32 output of `shape`, varying over the ``shard_map`` axes `like`
+  varies over (the keyword is ``manual_axis_type`` from jax 0.10, ``vma``
+  before)."""
+  aval = jax.typeof(like) if hasattr(jax, "typeof") else None
+  kind = getattr(aval, "manual_axis_type", None)
+  if kind is not None and kind.varying:
+    return jax.ShapeDtypeStruct(shape, jnp.float32, manual_axis_type=kind)
+  vma = getattr(aval, "vma", None)
+  if kind is None and vma:
+    old: Any = jax.ShapeDtypeStruct  # jax < 0.10 calls the keyword `vma`
+    return old(shape, jnp.float32, vma=vma)
+  return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
 def _mma_dtype(dtype: Any, precision: Any) -> np.dtype:
   """The dtype ``g`` and the embeddings take in the two gradient dots: a
   16-bit input dtype (the tensor-core rate), unless `precision` asks for
@@ -152,6 +185,7 @@ def parts(
       jnp.pad(lists.astype(jnp.int32), ((0, rows_p - rows), (0, k_p - k)), constant_values=-1)
     )
 
+  args = _same_axes(args)
   mma = _mma_dtype(dtype, precision)
   spec = _kernel.Spec(rule, rows_p, cols_p, bm, bn, value, grads, precision, mma)
   params = _pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -174,7 +208,7 @@ def parts(
   col_blocked = {2, 3, 5} | ({7} if rule == "ids" else set())  # b, bias, col_ok, col_ids
   shapes = {"loss": (rows_p,), "g_rows": (rows_p,), "gdot_rows": (rows_p,), "g_b": (rows_p, dim_p)}
   names = (["loss"] if value else []) + (["g_rows", "gdot_rows", "g_b"] if grads else [])
-  row_outs = [jax.ShapeDtypeStruct(shapes[n], jnp.float32) for n in names]
+  row_outs = [_out_type(shapes[n], args[1]) for n in names]
   found = call(
     functools.partial(_kernel.rows_kernel, spec=spec),
     out_shape=row_outs,
@@ -185,10 +219,7 @@ def parts(
   out = {n: v[:rows, :dim] if v.ndim == 2 else v[:rows] for n, v in zip(names, found)}
   if not grads:
     return out
-  col_outs = [
-    jax.ShapeDtypeStruct((cols_p,), jnp.float32),
-    jax.ShapeDtypeStruct((cols_p, dim_p), jnp.float32),
-  ]
+  col_outs = [_out_type((cols_p,), args[1]), _out_type((cols_p, dim_p), args[1])]
   g_cols, gt_a = call(
     functools.partial(_kernel.cols_kernel, spec=spec),
     out_shape=col_outs,
