@@ -60,6 +60,10 @@ except ImportError:  # pragma: no cover - depends on the installed jax
 
 Config = _config.Config
 
+# Run the kernels in Pallas's interpreter where a call leaves `interpret`
+# unset: tests switch it on (mock.patch) to run the loss's kernel path on CPU.
+_INTERPRET = False
+
 
 def available() -> bool:
   """Whether this jax has the Pallas Triton backend."""
@@ -135,7 +139,7 @@ def parts(
   grads: bool = True,
   precision: Any = None,
   config: Config | None = None,
-  interpret: bool = False,
+  interpret: bool | None = None,
 ) -> dict[str, jax.Array]:
   """The sweep's raw sums, before the scale is applied (see :func:`sweep`).
 
@@ -189,6 +193,7 @@ def parts(
   mma = _mma_dtype(dtype, precision)
   spec = _kernel.Spec(rule, rows_p, cols_p, bm, bn, value, grads, precision, mma)
   params = _pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+  interpret = _INTERPRET if interpret is None else interpret
   call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
 
   def whole(x):
@@ -258,7 +263,8 @@ def sweep(
       that row (column) from every pair; its embedding may hold nan;
       ``precision``: of the dots, as ``jnp.dot``'s;
       ``config``: block sizes (None: :func:`.pallas_triton_config.choose`);
-      ``interpret``: run the kernels in Pallas's interpreter (any backend).
+      ``interpret``: run the kernels in Pallas's interpreter (any
+      backend); None: off, unless tests switched ``_INTERPRET`` on.
 
   Returns:
     A dict of float32 arrays: ``loss`` ``[B]`` (row sums of the element
