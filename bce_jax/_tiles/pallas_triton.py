@@ -276,6 +276,14 @@ def sweep(
     NotImplementedError: for float64 inputs, or where this jax has no
       Pallas Triton backend.
     ValueError: for an unknown `rule` or missing ids.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bce_jax._tiles import pallas_triton
+    >>> a = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    >>> out = pallas_triton.sweep(a, a, 2.0, -1.0, interpret=True)  # diagonal positives
+    >>> print([f"{v:.4f}" for v in out["loss"]], f"{out['dscale']:.4f}", out["db"].shape)
+    ['1.9399', '1.9399', '2.6751'] 2.2915 (3, 2)
   """
   raw = parts(a, b, scale, bias, grads=grads, **options)
   out = {"loss": raw["loss"]}
