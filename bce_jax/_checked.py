@@ -36,7 +36,8 @@ class ValueCheckError(ValueError):
   """Raised by a function wrapped in :func:`checked` when an input value is bad.
 
   The message names the argument (``y_true``, ``y_pred``, ``sample_weight``
-  or ``pos_weight``) and the range it violated.
+  or ``pos_weight``; ``x``, ``y``, ``scale`` or ``bias`` of the pairwise
+  loss) and the range it violated.
   """
 
 
@@ -54,16 +55,21 @@ def checked(fn: _F) -> _F:
   * ``y_pred`` outside ``[0, 1]`` when ``from_logits=False``;
   * ``y_true`` outside ``[0, 1]``;
   * ``sample_weight`` or ``pos_weight`` negative;
-  * a nan in any of them.
+  * a nan in any of them;
+  * a nan or an infinity in the pairwise loss's ``x``, ``y``, ``scale`` or
+    ``bias``.
 
   Entries excluded by a mask (or a zero weight) are not checked: padding may
   hold anything. `fn` may be anything that calls bce_jax: a loss object, a
   whole train step with ``jax.value_and_grad`` inside, a ``jax.jit``-compiled
   function (it is traced again, with the checks), on sharded arrays under
   any mesh. Under ``jax.vmap`` the message gives the range of one failing
-  example. The wrapper returns exactly what `fn` returns. The other order,
-  ``jax.jit(checked(step))``, cannot raise from inside the trace and is
-  refused with a TypeError saying so.
+  example. Inside ``jax.shard_map`` (the pairwise loss's ring), JAX's
+  checkify works only over a mesh of Auto axes with no ``jax.set_mesh``
+  around the call; elsewhere it fails while tracing (jax-ml/jax#40907).
+  The wrapper returns exactly what `fn` returns. The other order,
+  ``jax.jit(checked(step))`` (or ``vmap`` or ``grad`` of it), cannot raise
+  from inside the trace and is refused with a TypeError saying so.
 
   Args:
     fn: the function to check.
@@ -89,6 +95,10 @@ def checked(fn: _F) -> _F:
 
   @functools.wraps(fn)
   def wrapper(*args, **kwargs):
+    # Traced arguments: refused before checkify sees them (under grad, a
+    # custom VJP inside `fn` would fail in checkify with an unrelated error).
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((args, kwargs))):
+      raise TypeError(_TRACED)
     with _VALUE_CHECKS(True):
       try:
         err, out = checkified(*args, **kwargs)
@@ -103,17 +113,19 @@ def checked(fn: _F) -> _F:
           "then wrap that step. The README's Flax section shows it."
         ) from e
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(err)):
-      raise TypeError(
-        "bce_jax.checked(f) raises on the host, so it cannot itself be traced by "
-        "jax.jit, vmap or grad. Put the transformation inside instead: "
-        "bce_jax.checked(jax.jit(f))."
-      )
+      raise TypeError(_TRACED)  # `fn` closes over a tracer
     message = err.get()
     if message is not None:
       raise ValueCheckError(_first_line(message))
     return out
 
   return wrapper  # type: ignore[return-value]
+
+
+_TRACED = (
+  "bce_jax.checked(f) raises on the host, so it cannot itself be traced by jax.jit, "
+  "vmap or grad. Put the transformation inside instead: bce_jax.checked(jax.jit(f))."
+)
 
 
 def _first_line(message: str) -> str:
@@ -181,6 +193,16 @@ def check_not_nan(name: str, x: jax.Array, what: str, where: jax.Array | None = 
   if where is not None:
     nan = nan & where
   _value_check(~jnp.any(nan), f"{name} contains nan; expected {what}.")
+
+
+def check_finite(name: str, x: jax.Array, what: str, where: jax.Array | None = None) -> None:
+  """Value check: `x` has no nan and no infinity, where `where` holds."""
+  if not value_checks_on():
+    return
+  bad = ~jnp.isfinite(_as_float(x))
+  if where is not None:
+    bad = bad & where
+  _value_check(~jnp.any(bad), f"{name} contains nan or inf; expected {what}.")
 
 
 def check_non_negative(name: str, x: jax.Array, where: jax.Array | None = None) -> None:

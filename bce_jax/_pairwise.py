@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from collections.abc import Hashable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from bce_jax import _logsig, _validate
+from bce_jax import _checked
+from bce_jax import _pairwise_args as _args
 from bce_jax._config import Config
+from bce_jax._tiles import tile
 
 # 512 x 512 tiles (1 MiB of float32 logits): their matmuls run at the BLAS
 # rate on CPU; see benchmarks/pairwise.py for the two schedules.
@@ -43,7 +43,6 @@ class _Plan:
   block: int
   devices: int
   axis_name: Hashable | None
-  positives: bool  # ids travel with y; else they are global row indices
   mode: str
   dtypes: tuple[np.dtype, np.dtype]  # of x and y, for their cotangents
 
@@ -52,22 +51,35 @@ class _Plan:
     return -(-self.rows // self.block) * self.block
 
 
-def _tile(xi, yj, idi, idj, col_ok, s, b, *, value: bool, grads: bool) -> dict[str, jax.Array]:
-  """One tile: row sums of the losses and of ``g = dloss/dl``; ``g yj``, ``g.T xi``."""
+def _tile(xi, yj, row, col, s, b, *, value: bool, grads: bool) -> dict[str, jax.Array]:
+  """One tile: row sums of the losses and of ``g = dloss/dl``; ``g yj``, ``g.T xi``.
+
+  `row` and `col` describe the tile's rows and columns: ``"start"``, the
+  global index of the first (for the diagonal rule), or ``"ids"``
+  ``[block, K]`` (positive where all K parts are equal); and, where some are
+  excluded (the mask, or padding to a whole block), ``"ok"`` ``[block]``,
+  False for those. An excluded row of x or y is zero, so the matmuls need
+  no mask; the sums over the tile do.
+  """
   xi, yj = xi.astype(s.dtype), yj.astype(s.dtype)
-  dots = jax.lax.dot_general(xi, yj, (((1,), (1,)), ((), ())))
-  logits = s * dots + b
-  positive = idi[:, None] == idj[None, :]
+  logits = s * jax.lax.dot_general(xi, yj, (((1,), (1,)), ((), ()))) + b
+  shape = logits.shape
+  if "ids" in row:
+    pos = tile.positive("ids", shape, row_ids=row["ids"][:, 0], col_ids=col["ids"][:, 0])
+    for k in range(1, row["ids"].shape[1]):
+      pos = pos & tile.positive("ids", shape, row_ids=row["ids"][:, k], col_ids=col["ids"][:, k])
+  else:
+    pos = tile.positive("diagonal", shape, row_start=row["start"], col_start=col["start"])
+  ok = None  # the pairs that count; columns are marked wherever rows are
+  if "ok" in col:
+    ok = col["ok"][None, :] if "ok" not in row else row["ok"][:, None] & col["ok"][None, :]
+  keep = (lambda a: a) if ok is None else (lambda a: jnp.where(ok, a, 0))
   out = {}
   if value:
-    sp_pos, sp_neg = _logsig.softplus_pair(logits)  # -log sigmoid(-l), -log sigmoid(l)
-    losses = jnp.where(positive, sp_neg, sp_pos)
-    out["loss"] = jnp.sum(losses if col_ok is None else jnp.where(col_ok, losses, 0), axis=1)
+    out["loss"] = jnp.sum(keep(tile.losses(logits, pos)), axis=1)
   if grads:
-    sig_pos, sig_neg = _logsig.sigmoid_pair(logits)  # the exp above, shared by XLA
-    g = jnp.where(positive, -sig_neg, sig_pos)
-    out["g"] = jnp.sum(g if col_ok is None else jnp.where(col_ok, g, 0), axis=1)
-    # Padded rows of x and y are zero: they add nothing to these two.
+    g = keep(tile.dlogits(logits, pos))  # the exp of the losses, shared by XLA
+    out["g"] = jnp.sum(g, axis=1)
     out["dx"] = jax.lax.dot_general(g, yj, (((1,), (0,)), ((), ())))
     out["dy"] = jax.lax.dot_general(g, xi, (((0,), (0,)), ((), ())))
   return out
@@ -76,80 +88,101 @@ def _tile(xi, yj, idi, idj, col_ok, s, b, *, value: bool, grads: bool) -> dict[s
 def _zeros(like, rows: int, dim: int, dtype, *, value: bool, grads: bool) -> dict[str, jax.Array]:
   """Accumulators, varying over the ``shard_map`` axes any of `like` vary over
   (a loop's carry keeps its type)."""
-  axes = tuple(sorted(set().union(*map(_varying_axes, like)), key=str))
+  axes = tuple(sorted(set().union(*map(_varying_axes, jax.tree.leaves(like))), key=str))
   out = {"loss": jnp.zeros(rows, dtype)} if value else {}
   if grads:
     out.update(g=jnp.zeros(rows, dtype), dx=jnp.zeros((rows, dim), dtype))
   return {k: _varying(v, axes) for k, v in out.items()}
 
 
-def _sweep(x, y, ids_x, ids_y, s, b, plan: _Plan, *, value: bool, grads: bool):
+def _blocks(side: dict[str, jax.Array], plan: _Plan) -> dict[str, jax.Array]:
+  """`side`'s arrays in blocks ``[n, block, ...]``; its ``"start"`` one per block."""
+  n, bs = plan.padded // plan.block, plan.block
+  out = {k: v.reshape(n, bs, *v.shape[1:]) for k, v in side.items() if k != "start"}
+  if "start" in side:
+    out["start"] = side["start"] + bs * jnp.arange(n, dtype=jnp.int32)
+  return out
+
+
+def _sweep(row, col, s, b, plan: _Plan, *, value: bool, grads: bool):
   """All tiles of this device's rows against one shard of columns: the row
   sums of the losses and of g, ``sum_j g_ij y_j`` and ``sum_i g_ij x_i``."""
-  bs, n, dim = plan.block, plan.padded // plan.block, x.shape[1]
-  cols: tuple[jax.Array, ...] = (y.reshape(n, bs, dim), ids_y.reshape(n, bs))
-  if plan.padded != plan.rows:
-    cols += ((jnp.arange(plan.padded) < plan.rows).reshape(n, 1, bs),)
-  like = (x, y, ids_x, ids_y, s, b)
+  dim, like = row["x"].shape[1], (row, col, s, b)
 
   def row_block(dy, row):
-    xi, idi = row
-
     def col_block(acc, col):
-      ok = col[2] if len(col) > 2 else None
-      out = _tile(xi, col[0], idi, col[1], ok, s, b, value=value, grads=grads)
+      out = _tile(row["x"], col["y"], row, col, s, b, value=value, grads=grads)
       dy_part = out.pop("dy", None)
       return {k: acc[k] + out[k] for k in acc}, dy_part
 
-    init = _zeros(like, bs, dim, s.dtype, value=value, grads=grads)
-    acc, dy_parts = jax.lax.scan(col_block, init, cols)
+    init = _zeros(like, plan.block, dim, s.dtype, value=value, grads=grads)
+    acc, dy_parts = jax.lax.scan(col_block, init, _blocks(col, plan))
     return (dy + dy_parts.reshape(dy.shape) if grads else dy), acc
 
   dy = _zeros(like, plan.padded, dim, s.dtype, value=False, grads=grads).get("dx")
-  dy, acc = jax.lax.scan(row_block, dy, (x.reshape(n, bs, dim), ids_x.reshape(n, bs)))
+  dy, acc = jax.lax.scan(row_block, dy, _blocks(row, plan))
   out = {k: v.reshape(plan.padded, *v.shape[2:]) for k, v in acc.items()}
   return {**out, "dy": dy} if grads else out
 
 
-def _ring(plan: _Plan, x, y, ids, s, b, *, value: bool, grads: bool) -> dict[str, jax.Array]:
+def _ring(plan: _Plan, x, y, ids, mask, s, b, *, value: bool, grads: bool) -> dict[str, jax.Array]:
   """This device's loss sum against every y shard and, with `grads`, the
-  derivatives of the sum over all devices w.r.t. this device's arguments."""
-  pad = ((0, plan.padded - plan.rows),)
-  x, y, ids = (jnp.pad(a, pad + ((0, 0),) * (a.ndim - 1)) for a in (x, y, ids))
-  n, axis, like = plan.devices, plan.axis_name, (x, y, ids, s, b)
-  perm = [(i, (i + 1) % n) for i in range(n)]
-  ship = functools.partial(jax.lax.ppermute, axis_name=axis, perm=perm)
+  derivatives of the sum over all devices w.r.t. this device's arguments.
 
-  def ids_at(step, travelling):  # without `positives`: global row indices
-    if plan.positives:
-      return travelling
-    return ((jax.lax.axis_index(axis) - step) % n) * plan.rows + jnp.arange(plan.padded)
+  Rows padded to a whole block, and rows the mask excludes, are zero in x
+  and y and False in ``"ok"``, the validity of a tile's rows and columns.
+  """
+  n, axis, extra = plan.devices, plan.axis_name, plan.padded - plan.rows
+  pad = lambda a: jnp.pad(a, ((0, extra),) + ((0, 0),) * (a.ndim - 1)) if extra else a
+  x, y = pad(x), pad(y)
+  row, col = {}, {}
+  if ids is not None:
+    row["ids"] = col["ids"] = pad(ids)
+  if mask is not None:  # excluded rows may hold nan: zero them, and mark them
+    ok = pad(mask)  # padding is False too
+    x, y = jnp.where(ok[:, None], x, 0), jnp.where(ok[:, None], y, 0)
+    row["ok"] = col["ok"] = ok
+  elif extra:  # padded rows of x are zero and sliced off; columns need the mark
+    col["ok"] = jnp.arange(plan.padded) < plan.rows
+  row["x"], col["y"] = x, y
+  me = 0 if n == 1 else jax.lax.axis_index(axis)
+  if ids is None:  # global indices: device i holds rows i * padded + [0, rows)
+    row["start"] = me * plan.padded
+  moving = ("y", "ids", "ok") if mask is not None else ("y", "ids")
+  ship = functools.partial(
+    jax.lax.ppermute, axis_name=axis, perm=[(i, (i + 1) % n) for i in range(n)]
+  )
 
-  def sweep(acc, y_k, ids_k, dy_in):
-    out = _sweep(x, y_k, ids, ids_k, s, b, plan, value=value, grads=grads)
+  def shipped(col):
+    return {k: ship(v) if k in moving else v for k, v in col.items()}
+
+  def sweep(acc, col, step, dy_in):
+    if ids is None:
+      col = {**col, "start": ((me - step) % n) * plan.padded}
+    out = _sweep(row, col, s, b, plan, value=value, grads=grads)
     acc = {k: acc[k] + out[k] for k in acc}
     if not grads:
       return acc, None
     dy = s * out["dy"]  # this device's scale, for the rows of the visiting shard
     return acc, dy if dy_in is None else dy_in + dy
 
-  acc = _zeros(like, plan.padded, x.shape[1], s.dtype, value=value, grads=grads)
+  acc = _zeros((row, col, s, b), plan.padded, x.shape[1], s.dtype, value=value, grads=grads)
   if n == 1:
-    acc, dy = sweep(acc, y, ids, None)
+    acc, dy = sweep(acc, col, 0, None)
   else:
     # Each step first sends its shard on (and the partials of the shard
     # before it), then sweeps the shard it holds.
-    y_next, ids_next = ship(y), ship(ids) if plan.positives else ids
-    acc, dy = sweep(acc, y, ids_at(0, ids), None)
+    col_next = shipped(col)
+    acc, dy = sweep(acc, col, 0, None)
 
     def middle(step, carry):
-      acc, y_k, ids_k, dy = carry
-      y_next, ids_next = ship(y_k), ship(ids_k) if plan.positives else ids_k
-      acc, dy = sweep(acc, y_k, ids_at(step, ids_k), ship(dy) if grads else None)
-      return acc, y_next, ids_next, dy
+      acc, col, dy = carry
+      col_next = shipped(col)
+      acc, dy = sweep(acc, col, step, ship(dy) if grads else None)
+      return acc, col_next, dy
 
-    acc, y_k, ids_k, dy = jax.lax.fori_loop(1, n - 1, middle, (acc, y_next, ids_next, dy))
-    acc, dy = sweep(acc, y_k, ids_at(n - 1, ids_k), ship(dy) if grads else None)
+    acc, col, dy = jax.lax.fori_loop(1, n - 1, middle, (acc, col_next, dy))
+    acc, dy = sweep(acc, col, n - 1, ship(dy) if grads else None)
     dy = ship(dy) if grads else None  # home, to the shard's own device
   rows = plan.rows
   out = {"value": jnp.sum(acc["loss"][:rows])} if value else {}
@@ -161,9 +194,9 @@ def _ring(plan: _Plan, x, y, ids, s, b, *, value: bool, grads: bool) -> dict[str
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _local_sum(plan: _Plan, x, y, ids, scale, bias):
-  """``sum_{i on this device, all j} softplus(-z_ij l_ij)``."""
-  return _ring(plan, x, y, ids, scale, bias, value=True, grads=False)["value"]
+def _local_sum(plan: _Plan, x, y, ids, mask, scale, bias):
+  """``sum_{i on this device, all j} softplus(-z_ij l_ij)`` over included rows."""
+  return _ring(plan, x, y, ids, mask, scale, bias, value=True, grads=False)["value"]
 
 
 def _local_sum_fwd(plan, *args):
@@ -177,7 +210,7 @@ def _local_sum_bwd(plan, res, ct):
   if plan.mode == "recompute":
     res = _ring(plan, *res, value=False, grads=True)
   dx, dy = (ct * res["dx"]).astype(plan.dtypes[0]), (ct * res["dy"]).astype(plan.dtypes[1])
-  return dx, dy, None, ct * res["dscale"], ct * res["dbias"]
+  return dx, dy, None, None, ct * res["dscale"], ct * res["dbias"]
 
 
 _local_sum.defvjp(_local_sum_fwd, _local_sum_bwd)
@@ -195,66 +228,6 @@ def _varying(a: jax.Array, axes: tuple) -> jax.Array:
   per-device cotangents of a replicated argument."""
   missing = tuple(n for n in axes if n not in _varying_axes(a))
   return jax.lax.pcast(a, missing, to="varying") if missing else a
-
-
-def _check_block_size(block_size: Any) -> int | None:
-  if block_size is None:
-    return None
-  if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, numbers.Integral):
-    raise TypeError(f"`block_size` must be an int >= 1 or None; got {block_size!r}.")
-  if block_size < 1:
-    raise ValueError(f"`block_size` must be >= 1 (rows per tile) or None; got {block_size!r}.")
-  return int(block_size)
-
-
-def _check_axis_name(axis_name: Any) -> Hashable | None:
-  name = tuple(axis_name) if isinstance(axis_name, list) else axis_name  # list: from JSON
-  names = name if isinstance(name, tuple) else (name,)
-  if name is not None and not all(isinstance(a, str) for a in names):
-    msg = f"a mesh axis name (str), a tuple of them, or None; got {axis_name!r}."
-    raise TypeError(f"`axis_name` must be {msg}")
-  return name
-
-
-def _axis_size(axis_name: Hashable | None) -> int:
-  if axis_name is None:
-    return 1
-  try:
-    return int(jax.lax.axis_size(axis_name))
-  except NameError:
-    msg = "call it inside jax.shard_map over a mesh with that axis, or pass axis_name=None."
-    raise ValueError(f"`axis_name` {axis_name!r} is not bound here: {msg}") from None
-
-
-def _check_inputs(
-  x, y, scale, bias, positives
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None]:
-  x, y = _validate.as_array("x", x), _validate.as_array("y", y)
-  for name, a in (("x", x), ("y", y)):
-    if not jnp.issubdtype(a.dtype, jnp.floating):
-      raise TypeError(f"`{name}` must hold floating-point embeddings; got dtype {a.dtype}.")
-    if a.ndim != 2:
-      raise ValueError(f"`{name}` must have shape [batch, dim]; got shape {a.shape}.")
-  if x.shape != y.shape:
-    msg = f"(row i of each is a positive pair); got x {x.shape} and y {y.shape}."
-    raise ValueError(f"`x` and `y` must have the same shape [batch, dim] {msg}")
-  scale, bias = _validate.as_array("scale", scale), _validate.as_array("bias", bias)
-  scalars = (scale, bias)
-  for name, a in zip(("scale", "bias"), scalars):
-    if a.dtype == jnp.bool_:
-      raise TypeError(f"`{name}` must be a real number; got a bool array.")
-    if a.ndim != 0:
-      msg = f"got shape {a.shape}; pass `{name}.reshape(())` (e.g. for a parameter of shape (1,))."
-      raise ValueError(f"`{name}` must be a scalar; {msg}")
-  if positives is not None:
-    positives = _validate.as_array("positives", positives)
-    if not jnp.issubdtype(positives.dtype, jnp.integer):
-      msg = f"(a pair is positive where they are equal); got dtype {positives.dtype}."
-      raise TypeError(f"`positives` must be an integer array of ids {msg}")
-    if positives.shape != (x.shape[0],):
-      msg = f"one id per row of x and y; got shape {positives.shape}."
-      raise ValueError(f"`positives` must have shape [batch]=({x.shape[0]},), {msg}")
-  return x, y, scale, bias, positives
 
 
 def _choose_block(rows: int, block_size: int | None) -> int:
@@ -275,6 +248,7 @@ def pairwise_sigmoid_loss(
   scale: ArrayLike,
   bias: ArrayLike,
   positives: ArrayLike | None = None,
+  mask: ArrayLike | None = None,
   block_size: int | None = None,
   axis_name: Hashable | None = None,
 ) -> jax.Array:
@@ -300,10 +274,22 @@ def pairwise_sigmoid_loss(
     bias: ``b``, a scalar (SigLIP starts it at -10).
     positives: optional integer ids ``[B]``: pairs with equal ids are
       positive (several captions of one image). None: only ``i == j``.
+      Distinct ids stay distinct: a NumPy int64 array (hashed ids) is
+      compared in full even with 64-bit types off. A jitted function's
+      int64 argument, though, is narrowed to int32 by JAX before this
+      function sees it: there, pass ids that fit in int32 (e.g.
+      ``np.unique(ids, return_inverse=True)[1]``) or enable
+      ``jax_enable_x64``.
+    mask: optional bool ``[B]``, False for a row that does not count (e.g.
+      padding up to a multiple of the device count). An excluded row is
+      neither an anchor nor a negative: the value is that of the batch
+      without it, averaged over the included rows (of every device on the
+      ring; 0 if there are none), and its entries in `x` and `y`, which
+      may hold anything, nan included, get zero gradients.
     block_size: rows and columns per tile (need not divide ``B``). None:
       512, or a divisor of ``B`` near it, or ``B`` if smaller.
     axis_name: inside ``jax.shard_map``, the mesh axis the batch is sharded
-      over: `x`, `y` (and `positives`) are this device's shards
+      over: `x`, `y` (and `positives`, `mask`) are this device's shards
       ``[B / n, D]``. The y shards travel around the ring; the loss of the
       global batch is returned on every device, and ``jax.grad`` of the
       mapped function is the single-device gradient.
@@ -313,10 +299,13 @@ def pairwise_sigmoid_loss(
 
   Raises:
     ValueError: if `x` and `y` differ in shape or are not ``[B, D]``, `scale`
-      or `bias` is not a scalar, `positives` is not ``[B]``, `block_size` is
-      below 1, or `axis_name` is not bound by an enclosing ``shard_map``.
-    TypeError: for non-float embeddings, non-integer `positives`, or a
-      `block_size` that is not an int.
+      or `bias` is not a scalar, `positives` or `mask` is not ``[B]``,
+      `block_size` is below 1, or `axis_name` is not a mesh axis of an
+      enclosing ``shard_map``.
+    TypeError: for non-float embeddings, non-integer `positives`, a non-bool
+      `mask`, or a `block_size` that is not an int.
+    bce_jax.ValueCheckError: under :func:`bce_jax.checked`, for a nan or an
+      infinity in `x` or `y` (in included rows), `scale` or `bias`.
 
   References:
     Zhai, Mustafa, Kolesnikov and Beyer, "Sigmoid Loss for Language Image
@@ -332,31 +321,46 @@ def pairwise_sigmoid_loss(
     >>> dx, dy, ds, db = jax.grad(loss, argnums=(0, 1, 2, 3))(x, x, scale, bias)
     >>> print(dx.shape, f"{ds:.4f}", f"{db:.4f}")
     (2, 2) -0.0067 0.0000
+    >>> padded = jnp.concatenate([x, jnp.full((1, 2), jnp.nan)])  # one padding row
+    >>> mask = jnp.array([True, True, False])
+    >>> value = bce_jax.pairwise_sigmoid_loss(padded, padded, scale=scale, bias=bias, mask=mask)
+    >>> print(f"{value:.4f}")
+    0.0134
   """
-  x, y, scale, bias, positives = _check_inputs(x, y, scale, bias, positives)
-  block_size, axis_name = _check_block_size(block_size), _check_axis_name(axis_name)
-  devices, rows = _axis_size(axis_name), x.shape[0]
+  args = _args.check_inputs(x, y, scale, bias, positives, mask)
+  x, y, mask = args.x, args.y, args.mask
+  block_size = _args.check_block_size(block_size)
+  axis_name = _args.check_axis_name(axis_name)
+  devices, rows = _args.axis_size(axis_name), x.shape[0]
   dtype = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
+  rows_ok = None if mask is None else mask[:, None]  # padding may hold anything
+  _checked.check_finite("x", x, "finite embeddings", rows_ok)
+  _checked.check_finite("y", y, "finite embeddings", rows_ok)
+  _checked.check_finite("scale", args.scale, "a finite number")
+  _checked.check_finite("bias", args.bias, "a finite number")
   if rows == 0:
     return jnp.zeros((), dtype)
   block = _choose_block(rows, block_size)
   dtypes = (np.dtype(x.dtype), np.dtype(y.dtype))
-  plan = _Plan(rows, block, devices, axis_name, positives is not None, _MODE, dtypes)
-  ids = positives
-  if ids is None:
-    ids = jnp.arange(rows, dtype=jnp.int32)
-    if axis_name is not None:
-      ids = ids + jax.lax.axis_index(axis_name) * rows
-  args: tuple[jax.Array, ...] = (x, y, ids, scale.astype(dtype), bias.astype(dtype))
+  plan = _Plan(rows, block, devices, axis_name, _MODE, dtypes)
+  operands: tuple[jax.Array | None, ...]
+  operands = (x, y, args.ids, mask, args.scale.astype(dtype), args.bias.astype(dtype))
   # Inside shard_map every argument of the custom VJP varies over the same
   # axes: the ring's and any that another argument varies over.
   ring = () if axis_name is None else axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  axes = tuple(sorted(set().union(ring, *map(_varying_axes, args)), key=str))
-  args = tuple(_varying(a, axes) for a in args) if axes else args
-  total = _local_sum(plan, *args)
+  present = [a for a in operands if a is not None]
+  axes = tuple(sorted(set().union(ring, *map(_varying_axes, present)), key=str))
+  if axes:
+    operands = tuple(None if a is None else _varying(a, axes) for a in operands)
+  total = _local_sum(plan, *operands)
+  if mask is None:
+    total = total if axis_name is None else jax.lax.psum(total, axis_name)
+    return total / (rows * devices)
+  count = jnp.sum(mask, dtype=jnp.int32)  # the included rows
   if axis_name is not None:
-    total = jax.lax.psum(total, axis_name)
-  return total / (rows * devices)
+    total, count = jax.lax.psum((total, count), axis_name)
+  count = count.astype(dtype)
+  return jnp.where(count > 0, total / jnp.maximum(count, 1), 0)  # no rows: 0, not nan
 
 
 @jax.tree_util.register_static
@@ -369,8 +373,9 @@ class PairwiseSigmoidLoss(Config):
     axis_name: the ``shard_map`` mesh axis the batch is sharded over (the
       ring), or None on one device.
 
-  ``loss(x, y, scale, bias, positives=None)`` is :func:`pairwise_sigmoid_loss`;
-  ``get_config()`` and ``from_config()`` round-trip the configuration (JSON).
+  ``loss(x, y, scale, bias, positives=None, mask=None)`` is
+  :func:`pairwise_sigmoid_loss`; ``get_config()`` and ``from_config()``
+  round-trip the configuration (JSON).
 
   References:
     Zhai et al., "Sigmoid Loss for Language Image Pre-Training", ICCV 2023.
@@ -390,10 +395,12 @@ class PairwiseSigmoidLoss(Config):
 
   def __post_init__(self) -> None:
     super().__post_init__()
-    object.__setattr__(self, "block_size", _check_block_size(self.block_size))
-    object.__setattr__(self, "axis_name", _check_axis_name(self.axis_name))
+    object.__setattr__(self, "block_size", _args.check_block_size(self.block_size))
+    object.__setattr__(self, "axis_name", _args.check_axis_name(self.axis_name))
 
-  def __call__(self, x: ArrayLike, y: ArrayLike, scale, bias, positives=None) -> jax.Array:
+  def __call__(
+    self, x: ArrayLike, y: ArrayLike, scale, bias, positives=None, mask=None
+  ) -> jax.Array:
     """The loss of a batch of pairs; see :func:`pairwise_sigmoid_loss`."""
     return pairwise_sigmoid_loss(
       x,
@@ -401,6 +408,7 @@ class PairwiseSigmoidLoss(Config):
       scale=scale,
       bias=bias,
       positives=positives,
+      mask=mask,
       block_size=self.block_size,
       axis_name=self.axis_name,
     )

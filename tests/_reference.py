@@ -233,6 +233,30 @@ def focal_grad_probs(y, p, label_smoothing=0.0, gamma=2.0, alpha=None, pos_weigh
   return c * factor * (gamma * (1.0 - 2.0 * y) * bce / one_minus_pt + d_bce), scale
 
 
+def pairwise_sigmoid(x, y, scale, bias, positives=None, mask=None):
+  """(loss, dx, dy, dscale, dbias) of SigLIP's pairwise sigmoid loss, dense.
+
+  Positive pairs are ``i == j`` or equal `positives` (compared as given,
+  64-bit ids included). Rows where `mask` is False are dropped before the
+  formula (neither anchor nor negative); their gradients are 0, and the
+  mean is over the rows kept (0 if none).
+  """
+  keep = np.ones(len(x), bool) if mask is None else np.asarray(mask, bool)
+  dx, dy = np.zeros(np.shape(x)), np.zeros(np.shape(y))
+  if not keep.any():
+    return 0.0, dx, dy, 0.0, 0.0
+  xs, ys = _f64(x)[keep], _f64(y)[keep]
+  ids = np.arange(len(xs)) if positives is None else np.asarray(positives)[keep]
+  z = np.where(ids[:, None] == ids[None, :], 1.0, -1.0)
+  dots = xs @ ys.T
+  logits = scale * dots + bias
+  n = len(xs)
+  loss = np.sum(np.logaddexp(0.0, -z * logits)) / n  # -log sigmoid(z l)
+  g = -z * sigmoid(-z * logits) / n  # d loss / d logits
+  dx[keep], dy[keep] = scale * g @ ys, scale * g.T @ xs
+  return loss, dx, dy, float(np.sum(g * dots)), float(np.sum(g))
+
+
 def bilinear_sweep(a, b, scale, bias, positive, row_ok=None, col_ok=None):
   """Every pair of rows ``a [B, D]`` and ``b [C, D]``, in float64: the row sums
   of ``-log sigmoid(+-z)``, ``z_ij = scale <a_i, b_j> + bias_j``, over the
