@@ -372,25 +372,27 @@ def pairwise_sigmoid_loss(
   _checked.check_finite("bias", args.bias, "a finite number")
   if rows == 0:
     return jnp.zeros((), dtype)
-  dtypes = (np.dtype(x.dtype), np.dtype(y.dtype))
-  plan = _Plan(rows, 0, devices, axis_name, _MODE, dtypes, precision)
-  on_cuda = dataclasses.replace(plan, block=rows, kernel=True)  # the kernels need no padding
-  if implementation == "pallas":
-    _backend.check_pallas(jnp.promote_types(x.dtype, y.dtype))
-    plans: tuple[_Plan, _Plan | None] = (on_cuda, None)
-  else:
-    if implementation == "xla" or _backend.kernel_refusal(jnp.promote_types(x.dtype, y.dtype)):
-      on_cuda = dataclasses.replace(plan, block=_backend.choose_block(rows, block_size, "cuda"))
-    plans = (dataclasses.replace(plan, block=_backend.choose_block(rows, block_size)), on_cuda)
   operands: tuple[jax.Array | None, ...]
   operands = (x, y, args.ids, mask, args.scale.astype(dtype), args.bias.astype(dtype))
   # Inside shard_map every argument of the custom VJP varies over the same
   # axes: the ring's and any that another argument varies over.
   ring = () if axis_name is None else axis_name if isinstance(axis_name, tuple) else (axis_name,)
   present = [a for a in operands if a is not None]
-  axes = tuple(sorted(set().union(ring, *map(_varying_axes, present)), key=str))
+  varying = set().union(*map(_varying_axes, present))
+  axes = tuple(sorted(varying.union(ring), key=str))
   if axes:
     operands = tuple(None if a is None else _varying(a, axes) for a in operands)
+  dtypes = (np.dtype(x.dtype), np.dtype(y.dtype))
+  plan = _Plan(rows, 0, devices, axis_name, _MODE, dtypes, precision)
+  on_cuda = dataclasses.replace(plan, block=rows, kernel=True)  # the kernels need no padding
+  embeddings = jnp.promote_types(x.dtype, y.dtype)
+  if implementation == "pallas":
+    _backend.check_pallas(embeddings, bool(varying))
+    plans: tuple[_Plan, _Plan | None] = (on_cuda, None)
+  else:
+    if implementation == "xla" or _backend.kernel_refusal(embeddings, bool(varying)):
+      on_cuda = dataclasses.replace(plan, block=_backend.choose_block(rows, block_size, "cuda"))
+    plans = (dataclasses.replace(plan, block=_backend.choose_block(rows, block_size)), on_cuda)
   return _mean(plans, *operands)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from bce_jax._tiles import pallas_triton
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
+_JAX = tuple(int(p) for p in jax.__version__.split(".")[:2])
 _BLOCK = {"default": 512, "cuda": 8192}  # the XLA tiles' rows and columns
 
 
@@ -55,18 +56,23 @@ def lax_precision(name: str | None) -> jax.lax.Precision | None:
   return None if name is None else jax.lax.Precision(name)
 
 
-def kernel_refusal(dtype: Any) -> str | None:
-  """Why the kernels cannot take embeddings of `dtype` here, or None."""
+def kernel_refusal(dtype: Any, varying: bool) -> str | None:
+  """Why the kernels cannot take embeddings of `dtype` here, or None.
+  `varying`: inside ``shard_map`` with ``check_vma``."""
   if not pallas_triton.available():
     return "this jax has no Pallas Triton backend (jax.experimental.pallas.triton)"
   if np.dtype(dtype) == np.float64:
     return "they take float16, bfloat16 or float32 embeddings, not float64"
+  if varying and _JAX < (0, 10):
+    # jax 0.9's checkify rule for pallas_call loses the mesh axes of a
+    # check_vma shard_map (a scan carry mismatch under bce_jax.checked).
+    return "inside shard_map with check_vma they need jax >= 0.10"
   return None
 
 
-def check_pallas(dtype: Any) -> None:
+def check_pallas(dtype: Any, varying: bool) -> None:
   """A ValueError where ``implementation="pallas"`` cannot run."""
-  why = kernel_refusal(dtype)
+  why = kernel_refusal(dtype, varying)
   if why is None and jax.default_backend() != "gpu" and not pallas_triton._INTERPRET:
     why = f"they need a GPU, and this process runs on {jax.default_backend()!r}"
   if why is not None:

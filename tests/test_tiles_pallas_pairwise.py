@@ -15,6 +15,12 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 from unittest import mock
 
 import jax
@@ -28,6 +34,7 @@ from bce_jax import _pairwise
 from bce_jax._tiles import pallas_triton
 from tests import _reference
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCALE, BIAS = 3.0, -2.0
 TOL = {"float32": 2e-6, "bfloat16": 5e-3}
 needs_triton = absltest.skipUnless(
@@ -170,6 +177,72 @@ class KernelAgainstReferenceTest(parameterized.TestCase):
     self.assertLess(_rel(value, want[0]), 1e-5)
     for got, w in zip(grads, want[1:]):
       self.assertLess(_rel(got, w), 1e-4)
+
+
+# Four host devices: the ring with the kernels (interpreted; check_vma off, as
+# Pallas's interpreter needs) against one device on the XLA path.
+_RING_SCRIPT = textwrap.dedent(
+  """
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import bce_jax
+    from bce_jax._tiles import pallas_triton
+
+    pallas_triton._INTERPRET = True
+    mesh = jax.make_mesh((4,), ("data",))
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(76, 16)) / 4).astype(np.float32)  # 19 rows a device
+    y = (x + rng.normal(size=(76, 16)) / 4).astype(np.float32)
+    mask = rng.random(76) > 0.2
+    x[~mask] = np.nan
+    out = {}
+    for ids in (None, rng.integers(0, 20, 76).astype(np.int32)):
+      def loss(x, y, s, b, ids, mask, impl, axis_name):
+        return bce_jax.pairwise_sigmoid_loss(
+          x, y, scale=s, bias=b, positives=ids, mask=mask, implementation=impl,
+          axis_name=axis_name)
+
+      ring = lambda *a: loss(*a, "pallas", "data")
+      spec = P("data")
+      mapped = jax.shard_map(ring, mesh=mesh, out_specs=P(), check_vma=False,
+                             in_specs=(spec, spec, P(), P(), None if ids is None else spec, spec))
+      grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
+      put = lambda a: None if a is None else jax.device_put(a, NamedSharding(mesh, spec))
+      args = (jnp.float32(3.0), jnp.float32(-2.0))
+      with jax.set_mesh(mesh):
+        got = grad(mapped)(put(x), put(y), *args, put(ids), put(mask))
+      want = grad(lambda *a: loss(*a, "xla", None))(x, y, *args, ids, mask)
+      rel = lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))
+                               / max(float(np.max(np.abs(np.asarray(b)))), 1e-30))
+      out[str(ids is not None)] = max(rel(a, b) for a, b in zip(jax.tree.leaves(got),
+                                                              jax.tree.leaves(want)))
+    print(json.dumps(out))
+  """
+)
+
+
+@needs_triton
+class RingTest(absltest.TestCase):
+  def test_four_devices_equal_one(self):
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    flags.append("--xla_force_host_platform_device_count=4")
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "XLA_FLAGS": " ".join(flags), "PYTHONPATH": path, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+      [sys.executable, "-c", _RING_SCRIPT],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+    )
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    self.assertEqual(set(errors), {"False", "True"})
+    for name, error in errors.items():
+      self.assertLess(error, 1e-5, name)
 
 
 @needs_triton
