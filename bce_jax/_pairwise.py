@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Hashable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -262,7 +263,7 @@ def pairwise_sigmoid_loss(
   block_size: int | None = None,
   axis_name: Hashable | None = None,
   precision: str | jax.lax.Precision | None = None,
-  implementation: str | None = None,
+  implementation: Literal["xla", "pallas"] | None = None,
 ) -> jax.Array:
   r"""The pairwise sigmoid loss of SigLIP, without the ``[B, B]`` logits.
 
@@ -445,7 +446,7 @@ class PairwiseSigmoidLoss(Config):
   block_size: int | None = None
   axis_name: Hashable | None = None
   precision: str | None = None
-  implementation: str | None = None
+  implementation: Literal["xla", "pallas"] | None = None
 
   def __post_init__(self) -> None:
     super().__post_init__()

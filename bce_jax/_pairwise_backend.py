@@ -30,7 +30,7 @@ _JAX = tuple(int(p) for p in jax.__version__.split(".")[:2])
 _BLOCK = {"default": 512, "cuda": 8192}  # the XLA tiles' rows and columns
 
 
-def check_implementation(implementation: Any) -> str | None:
+def check_implementation(implementation: Any) -> Any:
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
       f"`implementation` must be one of {IMPLEMENTATIONS} (None: the Pallas kernels on a CUDA "
