@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from bce_jax import _checked
+from bce_jax import _checked, _shard
 from bce_jax import _pairwise_args as _args
 from bce_jax import _pairwise_backend as _backend
 from bce_jax._config import Config
@@ -99,11 +99,11 @@ def _tile(xi, yj, row, col, s, b, precision, *, value: bool, grads: bool) -> dic
 def _zeros(like, rows: int, dim: int, dtype, *, value: bool, grads: bool) -> dict[str, jax.Array]:
   """Accumulators, varying over the ``shard_map`` axes any of `like` vary over
   (a loop's carry keeps its type)."""
-  axes = tuple(sorted(set().union(*map(_varying_axes, jax.tree.leaves(like))), key=str))
+  axes = tuple(sorted(set().union(*map(_shard.varying_axes, jax.tree.leaves(like))), key=str))
   out = {"loss": jnp.zeros(rows, dtype)} if value else {}
   if grads:
     out.update(g=jnp.zeros(rows, dtype), dx=jnp.zeros((rows, dim), dtype))
-  return {k: _varying(v, axes) for k, v in out.items()}
+  return {k: _shard.varying(v, axes) for k, v in out.items()}
 
 
 def _blocks(side: dict[str, jax.Array], plan: _Plan) -> dict[str, jax.Array]:
@@ -238,20 +238,6 @@ def _local_sum_bwd(plans, res, ct):
 _local_sum.defvjp(_local_sum_fwd, _local_sum_bwd)
 
 
-def _varying_axes(a: jax.Array) -> frozenset:
-  """The ``shard_map`` axes `a` varies over (none outside one, or without check_vma)."""
-  aval = jax.typeof(a) if hasattr(jax, "typeof") else None  # older jax: no such types
-  kind = getattr(aval, "manual_axis_type", None)
-  return kind.varying if kind is not None else getattr(aval, "vma", frozenset())
-
-
-def _varying(a: jax.Array, axes: tuple) -> jax.Array:
-  """`a` marked as varying over `axes`; the mark's transpose sums the
-  per-device cotangents of a replicated argument."""
-  missing = tuple(n for n in axes if n not in _varying_axes(a))
-  return jax.lax.pcast(a, missing, to="varying") if missing else a
-
-
 def pairwise_sigmoid_loss(
   x: ArrayLike,
   y: ArrayLike,
@@ -379,10 +365,10 @@ def pairwise_sigmoid_loss(
   # axes: the ring's and any that another argument varies over.
   ring = () if axis_name is None else axis_name if isinstance(axis_name, tuple) else (axis_name,)
   present = [a for a in operands if a is not None]
-  varying = set().union(*map(_varying_axes, present))
+  varying = set().union(*map(_shard.varying_axes, present))
   axes = tuple(sorted(varying.union(ring), key=str))
   if axes:
-    operands = tuple(None if a is None else _varying(a, axes) for a in operands)
+    operands = tuple(None if a is None else _shard.varying(a, axes) for a in operands)
   dtypes = (np.dtype(x.dtype), np.dtype(y.dtype))
   plan = _Plan(rows, 0, devices, axis_name, _MODE, dtypes, precision)
   on_cuda = dataclasses.replace(plan, block=rows, kernel=True)  # the kernels need no padding

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from bce_jax import _shard
 from bce_jax._tiles import pallas_triton_config as _config
 from bce_jax._tiles import pallas_triton_kernel as _kernel
 from bce_jax._tiles import tile
@@ -78,22 +79,11 @@ def _pad(a: jax.Array, n: int, fill: Any = 0) -> jax.Array:
   return jnp.pad(a, widths, constant_values=fill)
 
 
-def _varying_axes(a: jax.Array) -> frozenset:
-  """The ``shard_map`` axes `a` varies over (none outside one, or without check_vma)."""
-  aval = jax.typeof(a) if hasattr(jax, "typeof") else None
-  kind = getattr(aval, "manual_axis_type", None)
-  return kind.varying if kind is not None else getattr(aval, "vma", frozenset())
-
-
 def _same_axes(args: list[jax.Array]) -> list[jax.Array]:
   """`args`, each marked varying over every ``shard_map`` axis any of them
   varies over: a kernel's outputs then vary over those axes too."""
-  axes = frozenset().union(*map(_varying_axes, args))
-  out = []
-  for a in args:
-    missing = tuple(sorted(axes - _varying_axes(a), key=str))
-    out.append(jax.lax.pcast(a, missing, to="varying") if missing else a)
-  return out
+  axes = sorted(frozenset().union(*map(_shard.varying_axes, args)), key=str)
+  return [_shard.varying(a, axes) for a in args]
 
 
 def _out_type(shape: tuple[int, ...], like: jax.Array) -> jax.ShapeDtypeStruct:
