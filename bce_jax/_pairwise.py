@@ -299,10 +299,10 @@ def pairwise_sigmoid_loss(
     precision: of the matmuls, as ``jnp.dot``'s: None (the backend's
       default), a ``jax.lax.Precision`` or its name (``"default"``,
       ``"high"``, ``"highest"``). None and ``"default"`` let a GPU run
-      float32 embeddings' matmuls in TF32 (10-bit mantissas: about 1e-3
-      relative in a logit against 1e-7 on CPU) and a TPU in bfloat16
-      passes; ``"highest"`` asks for full float32 everywhere, at a lower
-      rate. With 16-bit embeddings the GPU kernels round ``g = sigmoid(z) -
+      float32 embeddings' matmuls in TF32 (10-bit mantissas; on an H200 the
+      value at B = 64 came out 4.5e-6 from float64, against 1e-7 on CPU)
+      and a TPU in bfloat16 passes; ``"highest"`` asks for full float32
+      everywhere, at a lower rate. With 16-bit embeddings the GPU kernels round ``g = sigmoid(z) -
       label`` to their dtype for the two gradient matmuls, unless
       ``"highest"``.
     implementation: None: the Pallas kernels where the program is lowered

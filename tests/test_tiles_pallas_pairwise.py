@@ -295,6 +295,11 @@ class SelectionTest(parameterized.TestCase):
     )
     self.assertIn("xla.gpu.triton", traced.lower(lowering_platforms=("cuda",)).as_text())
 
+  @parameterized.parameters(None, "highest")
+  def test_precision_reaches_the_xla_tiles(self, precision):
+    text = self._lowered("cpu", dtype=jnp.float32, precision=precision)
+    self.assertEqual("HIGHEST" in text, precision == "highest")
+
   @parameterized.parameters(("cpu", 512), ("cuda", 8192))
   def test_xla_tiles_follow_the_backend(self, platform, block):
     text = self._lowered(platform, batch=16384, dim=8, dtype=jnp.float32, implementation="xla")
