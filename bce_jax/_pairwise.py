@@ -11,6 +11,11 @@ the y shards go to the next device with ``ppermute``, issued before the
 sweep so the transfer can overlap it; the ``dL/dy`` partials follow a step
 behind and a last ``ppermute`` takes each home. The VJP is the transpose of
 that SPMD program, so ``jax.grad`` of the mapped loss is the global one.
+
+On a CUDA GPU each sweep is instead two fused Pallas kernels
+(:mod:`bce_jax._tiles.pallas_triton`) that keep every tile on chip; the
+choice, and each backend's tile size, is made at lowering time in
+:mod:`bce_jax._pairwise_backend`.
 """
 
 from __future__ import annotations
@@ -18,20 +23,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Hashable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from bce_jax import _checked
+from bce_jax import _checked, _shard
 from bce_jax import _pairwise_args as _args
+from bce_jax import _pairwise_backend as _backend
 from bce_jax._config import Config
 from bce_jax._tiles import tile
 
-# 512 x 512 tiles (1 MiB of float32 logits): their matmuls run at the BLAS
-# rate on CPU; see benchmarks/pairwise.py for the two schedules.
-_BLOCK = 512
+# The XLA tiles' default size off a GPU (512 x 512, 1 MiB of float32 logits:
+# their matmuls run at the BLAS rate on CPU); see _pairwise_backend for the GPU
+# and benchmarks/pairwise.py for the two schedules.
+_BLOCK = _backend._BLOCK["default"]
 _MODE = "fused"
 
 
@@ -45,13 +53,15 @@ class _Plan:
   axis_name: Hashable | None
   mode: str
   dtypes: tuple[np.dtype, np.dtype]  # of x and y, for their cotangents
+  precision: str | None = None  # of the tiles' dots, by name
+  kernel: bool = False  # each sweep runs the Pallas kernels
 
   @property
   def padded(self) -> int:
     return -(-self.rows // self.block) * self.block
 
 
-def _tile(xi, yj, row, col, s, b, *, value: bool, grads: bool) -> dict[str, jax.Array]:
+def _tile(xi, yj, row, col, s, b, precision, *, value: bool, grads: bool) -> dict[str, jax.Array]:
   """One tile: row sums of the losses and of ``g = dloss/dl``; ``g yj``, ``g.T xi``.
 
   `row` and `col` describe the tile's rows and columns: ``"start"``, the
@@ -62,7 +72,8 @@ def _tile(xi, yj, row, col, s, b, *, value: bool, grads: bool) -> dict[str, jax.
   no mask; the sums over the tile do.
   """
   xi, yj = xi.astype(s.dtype), yj.astype(s.dtype)
-  logits = s * jax.lax.dot_general(xi, yj, (((1,), (1,)), ((), ()))) + b
+  dots = functools.partial(jax.lax.dot_general, precision=precision)
+  logits = s * dots(xi, yj, (((1,), (1,)), ((), ()))) + b
   shape = logits.shape
   if "ids" in row:
     pos = tile.positive("ids", shape, row_ids=row["ids"][:, 0], col_ids=col["ids"][:, 0])
@@ -80,19 +91,19 @@ def _tile(xi, yj, row, col, s, b, *, value: bool, grads: bool) -> dict[str, jax.
   if grads:
     g = keep(tile.dlogits(logits, pos))  # the exp of the losses, shared by XLA
     out["g"] = jnp.sum(g, axis=1)
-    out["dx"] = jax.lax.dot_general(g, yj, (((1,), (0,)), ((), ())))
-    out["dy"] = jax.lax.dot_general(g, xi, (((0,), (0,)), ((), ())))
+    out["dx"] = dots(g, yj, (((1,), (0,)), ((), ())))
+    out["dy"] = dots(g, xi, (((0,), (0,)), ((), ())))
   return out
 
 
 def _zeros(like, rows: int, dim: int, dtype, *, value: bool, grads: bool) -> dict[str, jax.Array]:
   """Accumulators, varying over the ``shard_map`` axes any of `like` vary over
   (a loop's carry keeps its type)."""
-  axes = tuple(sorted(set().union(*map(_varying_axes, jax.tree.leaves(like))), key=str))
+  axes = tuple(sorted(set().union(*map(_shard.varying_axes, jax.tree.leaves(like))), key=str))
   out = {"loss": jnp.zeros(rows, dtype)} if value else {}
   if grads:
     out.update(g=jnp.zeros(rows, dtype), dx=jnp.zeros((rows, dim), dtype))
-  return {k: _varying(v, axes) for k, v in out.items()}
+  return {k: _shard.varying(v, axes) for k, v in out.items()}
 
 
 def _blocks(side: dict[str, jax.Array], plan: _Plan) -> dict[str, jax.Array]:
@@ -107,11 +118,14 @@ def _blocks(side: dict[str, jax.Array], plan: _Plan) -> dict[str, jax.Array]:
 def _sweep(row, col, s, b, plan: _Plan, *, value: bool, grads: bool):
   """All tiles of this device's rows against one shard of columns: the row
   sums of the losses and of g, ``sum_j g_ij y_j`` and ``sum_i g_ij x_i``."""
+  precision = _backend.lax_precision(plan.precision)
+  if plan.kernel:
+    return _backend.kernel_sweep(row, col, s, b, value=value, grads=grads, precision=precision)
   dim, like = row["x"].shape[1], (row, col, s, b)
 
   def row_block(dy, row):
     def col_block(acc, col):
-      out = _tile(row["x"], col["y"], row, col, s, b, value=value, grads=grads)
+      out = _tile(row["x"], col["y"], row, col, s, b, precision, value=value, grads=grads)
       dy_part = out.pop("dy", None)
       return {k: acc[k] + out[k] for k in acc}, dy_part
 
@@ -193,52 +207,35 @@ def _ring(plan: _Plan, x, y, ids, mask, s, b, *, value: bool, grads: bool) -> di
   return out
 
 
+def _run(plans: tuple[_Plan, _Plan | None], *args, value: bool, grads: bool):
+  """:func:`_ring` with the plan for the platform this is lowered for:
+  ``plans[1]`` on CUDA where given, else ``plans[0]``."""
+  ring = functools.partial(_ring, value=value, grads=grads)
+  return _backend.by_platform(ring, *plans, *args)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _local_sum(plan: _Plan, x, y, ids, mask, scale, bias):
+def _local_sum(plans: tuple[_Plan, _Plan | None], x, y, ids, mask, scale, bias):
   """``sum_{i on this device, all j} softplus(-z_ij l_ij)`` over included rows."""
-  return _ring(plan, x, y, ids, mask, scale, bias, value=True, grads=False)["value"]
+  return _run(plans, x, y, ids, mask, scale, bias, value=True, grads=False)["value"]
 
 
-def _local_sum_fwd(plan, *args):
-  if plan.mode == "recompute":
-    return _local_sum(plan, *args), args
-  out = _ring(plan, *args, value=True, grads=True)
+def _local_sum_fwd(plans, *args):
+  if plans[0].mode == "recompute":
+    return _local_sum(plans, *args), args
+  out = _run(plans, *args, value=True, grads=True)
   return out.pop("value"), out
 
 
-def _local_sum_bwd(plan, res, ct):
+def _local_sum_bwd(plans, res, ct):
+  plan = plans[0]
   if plan.mode == "recompute":
-    res = _ring(plan, *res, value=False, grads=True)
+    res = _run(plans, *res, value=False, grads=True)
   dx, dy = (ct * res["dx"]).astype(plan.dtypes[0]), (ct * res["dy"]).astype(plan.dtypes[1])
   return dx, dy, None, None, ct * res["dscale"], ct * res["dbias"]
 
 
 _local_sum.defvjp(_local_sum_fwd, _local_sum_bwd)
-
-
-def _varying_axes(a: jax.Array) -> frozenset:
-  """The ``shard_map`` axes `a` varies over (none outside one, or without check_vma)."""
-  aval = jax.typeof(a) if hasattr(jax, "typeof") else None  # older jax: no such types
-  kind = getattr(aval, "manual_axis_type", None)
-  return kind.varying if kind is not None else getattr(aval, "vma", frozenset())
-
-
-def _varying(a: jax.Array, axes: tuple) -> jax.Array:
-  """`a` marked as varying over `axes`; the mark's transpose sums the
-  per-device cotangents of a replicated argument."""
-  missing = tuple(n for n in axes if n not in _varying_axes(a))
-  return jax.lax.pcast(a, missing, to="varying") if missing else a
-
-
-def _choose_block(rows: int, block_size: int | None) -> int:
-  """`block_size` (at most `rows`), else `_BLOCK` or a divisor of `rows` near it."""
-  if block_size is not None or rows <= _BLOCK:
-    return min(block_size or rows, rows)
-  for block in range(_BLOCK, _BLOCK // 2 - 1, -8):  # no padding where a multiple of 8 divides
-    if rows % block == 0:
-      return block
-  tiles = -(-rows // _BLOCK)
-  return (-(-rows // tiles) + 7) // 8 * 8  # the fewest tiles, padded least
 
 
 def pairwise_sigmoid_loss(
@@ -251,6 +248,8 @@ def pairwise_sigmoid_loss(
   mask: ArrayLike | None = None,
   block_size: int | None = None,
   axis_name: Hashable | None = None,
+  precision: str | jax.lax.Precision | None = None,
+  implementation: Literal["xla", "pallas"] | None = None,
 ) -> jax.Array:
   r"""The pairwise sigmoid loss of SigLIP, without the ``[B, B]`` logits.
 
@@ -262,7 +261,9 @@ def pairwise_sigmoid_loss(
   and -1 otherwise; each ``-log sigmoid`` is one ``exp`` and one ``log1p``,
   accurate in both tails. The logits are computed in tiles inside a loop
   (memory O(B D + block^2)); the gradient is a custom VJP, accumulated in
-  the same sweep as the value (``jax.jvp`` is not supported).
+  the same sweep as the value (``jax.jvp`` is not supported). On a CUDA GPU
+  two fused Pallas kernels compute each tile's logits, loss and gradient on
+  chip and never write a tile to memory (memory O(B D)).
 
   Args:
     x: embeddings of one tower, ``[B, D]``, any float dtype (float16 and
@@ -286,13 +287,28 @@ def pairwise_sigmoid_loss(
       without it, averaged over the included rows (of every device on the
       ring; 0 if there are none), and its entries in `x` and `y`, which
       may hold anything, nan included, get zero gradients.
-    block_size: rows and columns per tile (need not divide ``B``). None:
-      512, or a divisor of ``B`` near it, or ``B`` if smaller.
+    block_size: rows and columns per tile of the XLA tiles (need not
+      divide ``B``; the GPU kernels choose their own). None: 512 (CPU, TPU)
+      or 8192 (CUDA GPU), or a divisor of ``B`` near it, or ``B`` if
+      smaller.
     axis_name: inside ``jax.shard_map``, the mesh axis the batch is sharded
       over: `x`, `y` (and `positives`, `mask`) are this device's shards
       ``[B / n, D]``. The y shards travel around the ring; the loss of the
       global batch is returned on every device, and ``jax.grad`` of the
       mapped function is the single-device gradient.
+    precision: of the matmuls, as ``jnp.dot``'s: None (the backend's
+      default), a ``jax.lax.Precision`` or its name (``"default"``,
+      ``"high"``, ``"highest"``). None and ``"default"`` let a GPU run
+      float32 embeddings' matmuls in TF32 (10-bit mantissas; on an H200 the
+      value at B = 64 came out 4.5e-6 from float64, against 1e-7 on CPU)
+      and a TPU in bfloat16 passes; ``"highest"`` asks for full float32
+      everywhere, at a lower rate. With 16-bit embeddings the GPU kernels round ``g = sigmoid(z) -
+      label`` to their dtype for the two gradient matmuls, unless
+      ``"highest"``.
+    implementation: None: the Pallas kernels where the program is lowered
+      for a CUDA GPU (float16, bfloat16 and float32 embeddings), XLA tiles
+      elsewhere; ``"xla"``: XLA tiles everywhere; ``"pallas"``: the kernels
+      (a ValueError where they cannot run: no GPU, float64).
 
   Returns:
     The loss, a scalar: float32, or float64 for float64 inputs.
@@ -300,8 +316,9 @@ def pairwise_sigmoid_loss(
   Raises:
     ValueError: if `x` and `y` differ in shape or are not ``[B, D]``, `scale`
       or `bias` is not a scalar, `positives` or `mask` is not ``[B]``,
-      `block_size` is below 1, or `axis_name` is not a mesh axis of an
-      enclosing ``shard_map``.
+      `block_size` is below 1, `axis_name` is not a mesh axis of an
+      enclosing ``shard_map``, `precision` or `implementation` is not one
+      of the above, or ``implementation="pallas"`` cannot run here.
     TypeError: for non-float embeddings, non-integer `positives`, a non-bool
       `mask`, or a `block_size` that is not an int.
     bce_jax.ValueCheckError: under :func:`bce_jax.checked`, for a nan or an
@@ -331,6 +348,8 @@ def pairwise_sigmoid_loss(
   x, y, mask = args.x, args.y, args.mask
   block_size = _args.check_block_size(block_size)
   axis_name = _args.check_axis_name(axis_name)
+  precision = _backend.check_precision(precision)
+  implementation = _backend.check_implementation(implementation)
   devices, rows = _args.axis_size(axis_name), x.shape[0]
   dtype = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
   rows_ok = None if mask is None else mask[:, None]  # padding may hold anything
@@ -340,26 +359,44 @@ def pairwise_sigmoid_loss(
   _checked.check_finite("bias", args.bias, "a finite number")
   if rows == 0:
     return jnp.zeros((), dtype)
-  block = _choose_block(rows, block_size)
-  dtypes = (np.dtype(x.dtype), np.dtype(y.dtype))
-  plan = _Plan(rows, block, devices, axis_name, _MODE, dtypes)
   operands: tuple[jax.Array | None, ...]
   operands = (x, y, args.ids, mask, args.scale.astype(dtype), args.bias.astype(dtype))
   # Inside shard_map every argument of the custom VJP varies over the same
   # axes: the ring's and any that another argument varies over.
   ring = () if axis_name is None else axis_name if isinstance(axis_name, tuple) else (axis_name,)
   present = [a for a in operands if a is not None]
-  axes = tuple(sorted(set().union(ring, *map(_varying_axes, present)), key=str))
+  varying = set().union(*map(_shard.varying_axes, present))
+  axes = tuple(sorted(varying.union(ring), key=str))
   if axes:
-    operands = tuple(None if a is None else _varying(a, axes) for a in operands)
-  total = _local_sum(plan, *operands)
+    operands = tuple(None if a is None else _shard.varying(a, axes) for a in operands)
+  dtypes = (np.dtype(x.dtype), np.dtype(y.dtype))
+  plan = _Plan(rows, 0, devices, axis_name, _MODE, dtypes, precision)
+  on_cuda = dataclasses.replace(plan, block=rows, kernel=True)  # the kernels need no padding
+  embeddings = jnp.promote_types(x.dtype, y.dtype)
+  if implementation == "pallas":
+    _backend.check_pallas(embeddings, bool(varying))
+    plans: tuple[_Plan, _Plan | None] = (on_cuda, None)
+  else:
+    if implementation == "xla" or _backend.kernel_refusal(embeddings, bool(varying)):
+      on_cuda = dataclasses.replace(plan, block=_backend.choose_block(rows, block_size, "cuda"))
+    plans = (dataclasses.replace(plan, block=_backend.choose_block(rows, block_size)), on_cuda)
+  return _mean(plans, *operands)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _mean(plans: tuple[_Plan, _Plan | None], x, y, ids, mask, scale, bias) -> jax.Array:
+  """The loss over the included rows of every device. Jitted: called eagerly
+  it is one program, compiled as it is inside a caller's ``jax.jit``, so
+  both give the same bits (the per-platform choice is one ``cond``)."""
+  plan, axis_name = plans[0], plans[0].axis_name
+  total = _local_sum(plans, x, y, ids, mask, scale, bias)
   if mask is None:
     total = total if axis_name is None else jax.lax.psum(total, axis_name)
-    return total / (rows * devices)
+    return total / (plan.rows * plan.devices)
   count = jnp.sum(mask, dtype=jnp.int32)  # the included rows
   if axis_name is not None:
     total, count = jax.lax.psum((total, count), axis_name)
-  count = count.astype(dtype)
+  count = count.astype(scale.dtype)
   return jnp.where(count > 0, total / jnp.maximum(count, 1), 0)  # no rows: 0, not nan
 
 
@@ -372,6 +409,8 @@ class PairwiseSigmoidLoss(Config):
     block_size: rows and columns per tile; None chooses from the batch.
     axis_name: the ``shard_map`` mesh axis the batch is sharded over (the
       ring), or None on one device.
+    precision: of the matmuls, by name (``"highest"``...), or None.
+    implementation: None (per backend), ``"xla"`` or ``"pallas"``.
 
   ``loss(x, y, scale, bias, positives=None, mask=None)`` is
   :func:`pairwise_sigmoid_loss`; ``get_config()`` and ``from_config()``
@@ -387,16 +426,21 @@ class PairwiseSigmoidLoss(Config):
     >>> print(f"{loss(x, x, jnp.array(10.0), jnp.array(-5.0)):.4f}")
     0.0134
     >>> loss.get_config()
-    {'block_size': 256, 'axis_name': None}
+    {'block_size': 256, 'axis_name': None, 'precision': None, 'implementation': None}
   """
 
   block_size: int | None = None
   axis_name: Hashable | None = None
+  precision: str | None = None
+  implementation: Literal["xla", "pallas"] | None = None
 
   def __post_init__(self) -> None:
     super().__post_init__()
     object.__setattr__(self, "block_size", _args.check_block_size(self.block_size))
     object.__setattr__(self, "axis_name", _args.check_axis_name(self.axis_name))
+    object.__setattr__(self, "precision", _backend.check_precision(self.precision))
+    impl = _backend.check_implementation(self.implementation)
+    object.__setattr__(self, "implementation", impl)
 
   def __call__(
     self, x: ArrayLike, y: ArrayLike, scale, bias, positives=None, mask=None
@@ -411,4 +455,6 @@ class PairwiseSigmoidLoss(Config):
       mask=mask,
       block_size=self.block_size,
       axis_name=self.axis_name,
+      precision=self.precision,
+      implementation=self.implementation,
     )

@@ -305,3 +305,33 @@ def top_k_metrics(ids, positives, ks, mask=None):
     out[f"precision@{k}"] = float(np.mean(prec)) if prec else 0.0
     out[f"ndcg@{k}"] = float(np.mean(ndcg)) if ndcg else 0.0
   return out
+
+
+def bilinear_sweep(a, b, scale, bias, positive, row_ok=None, col_ok=None):
+  """Every pair of rows ``a [B, D]`` and ``b [C, D]``, in float64: the row sums
+  of ``-log sigmoid(+-z)``, ``z_ij = scale <a_i, b_j> + bias_j``, over the
+  pairs whose row and column are both kept, and the analytic derivatives of
+  their total: ``da``, ``db``, ``dscale`` and ``dbias`` (per column).
+
+  `positive` is the bool ``[B, C]`` label; `row_ok` and `col_ok` bool
+  ``[B]`` and ``[C]`` (None keeps all). Excluded rows and columns are
+  replaced by zeros before any product, so nan in them is never read.
+  """
+  a, b = _f64(a), _f64(b)
+  rows, cols = a.shape[0], b.shape[0]
+  row_ok = np.ones(rows, bool) if row_ok is None else np.asarray(row_ok, bool)
+  col_ok = np.ones(cols, bool) if col_ok is None else np.asarray(col_ok, bool)
+  a, b = np.where(row_ok[:, None], a, 0.0), np.where(col_ok[:, None], b, 0.0)
+  keep = row_ok[:, None] & col_ok[None, :]
+  dots = a @ b.T
+  z = float(scale) * dots + np.broadcast_to(_f64(bias), (cols,))[None, :]
+  sign = np.where(positive, 1.0, -1.0)
+  losses = np.where(keep, np.logaddexp(0.0, -sign * z), 0.0)
+  g = np.where(keep, sigmoid(z) - np.asarray(positive, np.float64), 0.0)
+  return {
+    "loss": losses.sum(axis=1),
+    "da": float(scale) * g @ b,
+    "db": float(scale) * g.T @ a,
+    "dscale": float(np.sum(g * dots)),
+    "dbias": g.sum(axis=0),
+  }

@@ -1,0 +1,145 @@
+"""Where the pairwise loss runs: the Pallas kernels on a CUDA GPU, XLA tiles
+elsewhere, and each backend's tile size. One place for every per-backend
+choice of :mod:`bce_jax._pairwise`, made when the program is lowered.
+
+* ``implementation=None``: :func:`jax.lax.platform_dependent` picks, per
+  lowering platform, the fused Pallas-Triton kernels on ``cuda`` (float16,
+  bfloat16 and float32 embeddings) and the XLA tiles elsewhere. Both
+  branches are traced; only the chosen one is lowered.
+* ``"xla"``: the XLA tiles on every backend, ``"pallas"``: the kernels,
+  refused with a clear error where they cannot run.
+* The XLA tiles' default size follows the backend: 512 on CPU (their
+  matmuls run at the BLAS rate, benchmarks/pairwise.py), 8192 on a CUDA GPU
+  (measured on an H200, value_and_grad at D = 512: B = 65,536 takes 65 ms
+  with 8192 tiles against 538 ms with 512 ones, for ~1 GiB of
+  temporaries).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bce_jax._tiles import pallas_triton
+
+IMPLEMENTATIONS = (None, "xla", "pallas")
+_JAX = tuple(int(p) for p in jax.__version__.split(".")[:2])
+_BLOCK = {"default": 512, "cuda": 8192}  # the XLA tiles' rows and columns
+
+
+def check_implementation(implementation: Any) -> Any:
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+      f"`implementation` must be one of {IMPLEMENTATIONS} (None: the Pallas kernels on a CUDA "
+      f"GPU, XLA tiles elsewhere); got {implementation!r}."
+    )
+  return implementation
+
+
+def check_precision(precision: Any) -> str | None:
+  """`precision` by its name (``"default"``, ``"high"``, ``"highest"``), or None."""
+  if precision is None:
+    return None
+  try:
+    return jax.lax.Precision(precision).name.lower()
+  except (ValueError, TypeError, KeyError):
+    raise ValueError(
+      f"`precision` must be None, a jax.lax.Precision or one of its names ('default', 'high', "
+      f"'highest', as jnp.dot takes); got {precision!r}."
+    ) from None
+
+
+def lax_precision(name: str | None) -> jax.lax.Precision | None:
+  return None if name is None else jax.lax.Precision(name)
+
+
+def kernel_refusal(dtype: Any, varying: bool) -> str | None:
+  """Why the kernels cannot take embeddings of `dtype` here, or None.
+  `varying`: inside ``shard_map`` with ``check_vma``."""
+  if not pallas_triton.available():
+    return "this jax has no Pallas Triton backend (jax.experimental.pallas.triton)"
+  if np.dtype(dtype) == np.float64:
+    return "they take float16, bfloat16 or float32 embeddings, not float64"
+  if varying and _JAX < (0, 10):
+    # jax 0.9's checkify rule for pallas_call loses the mesh axes of a
+    # check_vma shard_map (a scan carry mismatch under bce_jax.checked).
+    return "inside shard_map with check_vma they need jax >= 0.10"
+  return None
+
+
+def check_pallas(dtype: Any, varying: bool) -> None:
+  """A ValueError where ``implementation="pallas"`` cannot run."""
+  why = kernel_refusal(dtype, varying)
+  if why is None and jax.default_backend() != "gpu" and not pallas_triton._INTERPRET:
+    why = f"they need a GPU, and this process runs on {jax.default_backend()!r}"
+  if why is not None:
+    raise ValueError(
+      f"`implementation`='pallas' cannot run: {why}. Pass implementation=None to choose per "
+      f"backend, or 'xla'."
+    )
+
+
+def choose_block(rows: int, block_size: int | None, platform: str = "default") -> int:
+  """`block_size` (at most `rows`), else the backend's tile or a divisor of
+  `rows` near it (no padding), or `rows` if smaller."""
+  target = _BLOCK[platform]
+  if block_size is not None or rows <= target:
+    return min(block_size or rows, rows)
+  for block in range(target, target // 2 - 1, -8):  # no padding where a multiple of 8 divides
+    if rows % block == 0:
+      return block
+  tiles = -(-rows // target)
+  return (-(-rows // tiles) + 7) // 8 * 8  # the fewest tiles, padded least
+
+
+def by_platform(run, plan, plan_on_cuda, *operands):
+  """``run(plan_on_cuda, *operands)`` where lowered for CUDA, else
+  ``run(plan, *operands)``, chosen at lowering time."""
+  if plan_on_cuda is None:
+    return run(plan, *operands)
+  return jax.lax.platform_dependent(
+    *operands,
+    cuda=lambda *a: run(plan_on_cuda, *a),
+    default=lambda *a: run(plan, *a),
+  )
+
+
+def kernel_sweep(row, col, s, b, *, value: bool, grads: bool, precision: Any):
+  """The kernels' version of ``_pairwise._sweep``: this device's rows
+  against one shard of columns, described by the same ``row`` and ``col``
+  dicts (``"x"``/``"y"``, ``"ids"`` or ``"start"``, ``"ok"``); returns the row
+  sums of the losses and of g, ``g y`` and ``g^T x`` (float32)."""
+  if "ids" in row:
+    rule: dict[str, Any] = {"rule": "ids", "row_ids": row["ids"], "col_ids": col["ids"]}
+  elif (
+    isinstance(row["start"], int)
+    and isinstance(col["start"], int)
+    and (row["start"] == col["start"] == 0)
+  ):
+    rule = {"rule": "diagonal"}
+  else:  # a ring step: global row indices as ids
+    rows, cols = row["x"].shape[0], col["y"].shape[0]
+    rule = {
+      "rule": "ids",
+      "row_ids": row["start"] + jnp.arange(rows, dtype=jnp.int32),
+      "col_ids": col["start"] + jnp.arange(cols, dtype=jnp.int32),
+    }
+  out = pallas_triton.parts(
+    row["x"],
+    col["y"],
+    s,
+    b,
+    row_mask=row.get("ok"),
+    col_mask=col.get("ok"),
+    value=value,
+    grads=grads,
+    precision=precision,
+    **rule,
+  )
+  found = {"loss": out["loss"]} if value else {}
+  if grads:
+    found.update(g=out["g_rows"], dx=out["g_b"], dy=out["gt_a"])
+  return found
