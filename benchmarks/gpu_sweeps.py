@@ -119,7 +119,13 @@ def pairwise_impls(blocks: tuple[int, ...], extra_values: tuple[str, ...]) -> di
   values, why = implementation_values(extra_values)
   if why:
     impls["implementation="] = why
+  backend = jax.default_backend()
   for value in values:
+    if value == "pallas" and backend != "gpu":  # the kernels refuse other backends
+      impls[f"implementation={value}"] = (
+        f"not available: the Pallas kernels need a GPU, not {backend}"
+      )
+      continue
     impls[f"implementation={value}"] = _blockwise(implementation=value)
   for name, build in PAIRWISE_EXTRAS.items():
     impls[name] = build()

@@ -21,7 +21,7 @@ import textwrap
 
 from absl.testing import absltest
 
-from tests.test_multihost import ROOT, TIMEOUT_S, _env, _no_gloo_reason
+from tests.test_multihost import ROOT, TIMEOUT_S, _cannot_run_reason, _env
 
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
 
@@ -102,7 +102,7 @@ def _free_port() -> int:
 
 class TwoProcessesTest(absltest.TestCase):
   def test_label_shards_across_processes_equal_one_device(self):
-    reason = _no_gloo_reason()
+    reason = _cannot_run_reason()
     if reason:
       self.skipTest(reason)
     coordinator = f"127.0.0.1:{_free_port()}"
