@@ -4,6 +4,8 @@ Inputs arrive as `[M, L]` arrays: `M` per-sample entries (rows) of `L`
 elements each, averaged later. Two reductions, one custom JVP:
 
 * ``"rows"``: ``w_m * sum_l E_ml``, a `[M]` array;
+* ``"means"``: ``w_m * mean_l E_ml``, finite where the row sum overflows
+  float32 but the mean does not (inputs near the float32 maximum);
 * ``"total"``: ``sum_m w_m * sum_l E_ml``, a scalar.
 
 A row whose weight is exactly 0 (a masked or zero-weighted entry) adds exactly
@@ -250,9 +252,18 @@ def _rows_inputs(layout, y_true, y_pred, smoothing, pos_weight, sample_weight, m
 _FAST_MIN_SIZE = 1 << 14
 
 
+def small(layout: Layout) -> bool:
+  """Whether a call takes the safe path alone (no fallback conditional)."""
+  return _validate.prod(layout.shape) < _FAST_MIN_SIZE
+
+
 def _impl(formula, kind, layout, *raw):
-  if _validate.prod(layout.shape) < _FAST_MIN_SIZE:
+  width = max(layout.width, 1)
+  means = kind == "means"
+  if small(layout):
     rows = _rows(formula, *_rows_inputs(layout, *raw), safe=True)
+    if means:
+      return _row_means(formula, layout, rows, raw)
     return rows if kind == "rows" else jnp.sum(rows)
 
   def compute(safe: bool):
@@ -262,16 +273,48 @@ def _impl(formula, kind, layout, *raw):
       labels = jnp.where(keep, labels, jnp.zeros((), labels.dtype))
       preds = jnp.where(keep, preds, jnp.zeros((), preds.dtype))
     args = (formula, labels, preds, pos_weight, smoothing)
-    if kind == "rows":
-      return _weighted(_fast_row_sums(*args, safe), weight)
-    return _fast_total(*args, weight, safe)
+    if kind == "total":
+      return _fast_total(*args, weight, safe)
+    rows = _weighted(_fast_row_sums(*args, safe), weight)
+    if not means:
+      return rows
+    return _row_means(formula, layout, rows, raw) if safe else rows / width
 
   # The fallback sums in the same order as the fast path, so padding full of
   # nan gives the same value, to the bit, as padding full of zeros.
   fast = compute(safe=False)
   # One nan makes the sum nan; the barrier keeps the check off the rows' fusion.
-  bad = jnp.isnan(fast if kind == "total" else jnp.sum(jax.lax.optimization_barrier(fast)))
+  check = fast if kind == "total" else jnp.sum(jax.lax.optimization_barrier(fast))
+  # Row means also fall back where a row sum overflowed (inf for finite inputs).
+  bad = ~jnp.isfinite(check) if means and width > 1 else jnp.isnan(check)
   return jax.lax.cond(bad, lambda: compute(safe=True), lambda: fast)
+
+
+def _row_means(formula, layout, rows, raw):
+  """Row sums over the width; where a sum overflowed, the terms scaled before it."""
+  width = max(layout.width, 1)
+  means = rows / width
+  if width == 1:
+    return means
+  scaled = scaled_sums(formula, layout, True, jnp.asarray(1 / width, means.dtype), *raw)
+  return jnp.where(jnp.isinf(means), scaled, means)
+
+
+def scaled_sums(formula: Formula, layout: Layout, rows: bool, scale, *raw) -> jax.Array:
+  """``sum_m w_m sum_l scale * E_ml`` (per row if `rows`): each term scaled before the sum.
+
+  The safe path, for sums that overflow float32 where the scaled ones do not
+  (not differentiable: its callers keep the derivative of :func:`reduced`).
+  """
+  labels, preds, pos_weight, smoothing, weight = _rows_inputs(layout, *raw)
+  if weight is not None:
+    keep = (weight != 0)[:, None]
+    labels = jnp.where(keep, labels, jnp.zeros((), labels.dtype))
+    preds = jnp.where(keep, preds, jnp.zeros((), preds.dtype))
+  losses = _losses(formula, labels, preds, pos_weight, smoothing, safe=True)
+  factor = scale if weight is None else (weight * scale)[:, None]
+  terms = losses * factor.astype(losses.dtype)
+  return jnp.sum(terms, axis=-1) if rows else jnp.sum(terms)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
@@ -288,9 +331,11 @@ def reduced(
 ):
   """``"rows"``: the `[M]` weighted sums of each row's losses; ``"total"``: their sum.
 
+  ``"means"``: the `[M]` weighted means of each row's losses.
+
   Args:
     formula: the element formula.
-    kind: ``"rows"`` or ``"total"``.
+    kind: ``"rows"``, ``"means"`` or ``"total"``.
     layout: how the arrays are brought to `[M, L]` rows.
     y_true: labels in the aligned shape (any dtype castable to the compute
       dtype).
@@ -345,10 +390,12 @@ def _reduced_jvp(formula, kind, layout, primals, tangents):
     )
     if weight is not None:
       d_losses = d_losses * weight[:, None]
-    d_out = jnp.sum(d_losses, axis=-1) if kind == "rows" else jnp.sum(d_losses)
+    d_out = jnp.sum(d_losses, axis=-1) if kind != "total" else jnp.sum(d_losses)
   if sample_weight is not None and _active(tangents[4]):
     d_weight = layout.row_weights(tangents[4], mask, dtype)
     rows = jnp.sum(row_losses(*inputs), axis=-1)
     per_row = jnp.where(keep[:, 0], rows, 0) * d_weight
-    d_out = d_out + (per_row if kind == "rows" else jnp.sum(per_row))
+    d_out = d_out + (per_row if kind != "total" else jnp.sum(per_row))
+  if kind == "means":
+    d_out = d_out / max(layout.width, 1)
   return out, d_out

@@ -432,6 +432,45 @@ class InfiniteLogitsTest(chex.TestCase):
     self.assertEqual(float(jax.jit(loss)(y, x)), np.inf)
 
 
+class HugeFiniteLogitsTest(parameterized.TestCase):
+  """README: a finite loss for every finite logit. Element losses near the float32
+  maximum overflow a float32 sum (two logits of 3.39e38 with label 0), not their mean."""
+
+  @parameterized.product(
+    dtype=("bfloat16", "float32"),
+    shape=((2, 1), (2, 8), (4096, 8)),
+    reduction=("sum_over_batch_size", "mean_with_sample_weight", "none"),
+    jit=(False, True),
+  )
+  def test_mean_of_huge_losses_is_finite(self, dtype, shape, reduction, jit):
+    x = np.zeros(shape, np.float32)
+    x[:2] = 3.39e38  # rounds to 3.3895e38 in bfloat16
+    x = jnp.asarray(x, dtype)
+    y = np.zeros(shape, np.float32)
+    weight = np.ones(shape[0], np.float32)
+    weight[-1] = 0.0  # an excluded sample holding nan
+    x = x.at[-1].set(jnp.nan)
+    x64 = np.where(np.isnan(np.asarray(x, np.float64)), 0.0, np.asarray(x, np.float64))
+    per_sample = np.where(weight > 0, ref.elementwise(y, x64, from_logits=True).mean(-1), 0.0)
+    expected = {
+      "sum_over_batch_size": per_sample.sum() / shape[0],
+      "mean_with_sample_weight": per_sample.sum() / weight.sum(),
+      "none": per_sample,
+    }[reduction]
+    loss = bce_jax.BinaryCrossentropy(from_logits=True, reduction=reduction)
+    value = (jax.jit(loss) if jit else loss)(y, x, weight)
+    g = jax.grad(lambda x: jnp.sum(loss(y, x, sample_weight=weight)))(x)
+    np.testing.assert_allclose(np.asarray(value, np.float64), expected, rtol=1e-6)
+    # The derivative is the usual one: sigmoid(x) / L per element, scaled by the reduction.
+    self.assertTrue(np.all(np.isfinite(np.asarray(g, np.float32))))
+    np.testing.assert_array_equal(np.asarray(g[-1], np.float32), 0.0)
+
+  def test_a_sum_that_overflows_is_inf(self):
+    x = jnp.full((2, 1), 3.39e38, jnp.float32)
+    loss = bce_jax.BinaryCrossentropy(from_logits=True, reduction="sum")
+    self.assertEqual(float(loss(jnp.zeros((2, 1)), x)), np.inf)
+
+
 # --------------------------------------------------------------------------
 # 6. to 8. Weights over a non-batch axis, and digits in the derivative and the value.
 
