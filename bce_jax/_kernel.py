@@ -261,10 +261,7 @@ def _impl(formula, kind, layout, *raw):
   width = max(layout.width, 1)
   means = kind == "means"
   if small(layout):
-    rows = _rows(formula, *_rows_inputs(layout, *raw), safe=True)
-    if means:
-      return _row_means(formula, layout, rows, raw)
-    return rows if kind == "rows" else jnp.sum(rows)
+    return _safe_value(formula, kind, layout, *raw)
 
   def compute(safe: bool):
     labels, preds, pos_weight, smoothing, weight = _rows_inputs(layout, *raw)
@@ -288,6 +285,14 @@ def _impl(formula, kind, layout, *raw):
   # Row means also fall back where a row sum overflowed (inf for finite inputs).
   bad = ~jnp.isfinite(check) if means and width > 1 else jnp.isnan(check)
   return jax.lax.cond(bad, lambda: compute(safe=True), lambda: fast)
+
+
+def _safe_value(formula, kind, layout, *raw):
+  """The value on the safe path alone (exact at infinite logits, padding ignored)."""
+  rows = _rows(formula, *_rows_inputs(layout, *raw), safe=True)
+  if kind == "means":
+    return _row_means(formula, layout, rows, raw)
+  return rows if kind == "rows" else jnp.sum(rows)
 
 
 def _row_means(formula, layout, rows, raw):
@@ -354,6 +359,48 @@ def _active(tangent) -> bool:
   return tangent.dtype != jax.dtypes.float0
 
 
+def _one_pass_value(formula, kind, layout, raw, losses, weight):
+  """The value summed from `losses`, the element losses the derivative pass computes.
+
+  `losses` come from inputs whose excluded rows are zeros, so the weights
+  multiply without a select; a nan (an infinite logit) or, for row means,
+  an overflow still falls back to the safe path.
+  """
+  if kind == "total":
+    fast = jnp.sum(losses if weight is None else losses * weight[:, None])
+    check = fast
+  else:
+    fast = jnp.sum(losses, axis=-1)
+    fast = fast if weight is None else fast * weight
+    check = jnp.sum(fast)
+  width = max(layout.width, 1)
+  if kind == "means":
+    fast = fast / width
+  bad = ~jnp.isfinite(check) if kind == "means" and width > 1 else jnp.isnan(check)
+  return jax.lax.cond(bad, lambda: _safe_value(formula, kind, layout, *raw), lambda: fast)
+
+
+def _value_for_platform(formula, kind, layout, raw, losses, weight):
+  """The value beside a derivative: how it is computed is chosen per platform, here.
+
+  * CPU: :func:`reduced`'s own fast path (flat vectors and barriers, see
+    the module docstring). The derivative's elementwise pass is separate:
+    XLA's CPU reduction fusion would otherwise write shared values out.
+  * Every other platform (GPU): the sum of the element losses that the
+    derivative's pass computes from the same inputs, with no barrier and no
+    reshape between them. XLA:GPU then fuses the value's reduction and the
+    gradient's elementwise pass into one multi-output fusion: the inputs
+    are read once and only the gradient is written.
+
+  The choice is made when the program is lowered for its platform, never at
+  run time.
+  """
+  return jax.lax.platform_dependent(
+    cpu=lambda: reduced(formula, kind, layout, *raw),
+    default=lambda: _one_pass_value(formula, kind, layout, raw, losses, weight),
+  )
+
+
 @reduced.defjvp
 def _reduced_jvp(formula, kind, layout, primals, tangents):
   out = reduced(formula, kind, layout, *primals)
@@ -385,9 +432,10 @@ def _reduced_jvp(formula, kind, layout, primals, tangents):
 
   d_out = jnp.zeros_like(out)
   if active:
-    _, d_losses = jax.jvp(
+    losses, d_losses = jax.jvp(
       losses_of_active, [inputs[i] for i in active], [tangents[i] for i in active]
     )
+    out = _value_for_platform(formula, kind, layout, primals, losses, weight)
     if weight is not None:
       d_losses = d_losses * weight[:, None]
     d_out = jnp.sum(d_losses, axis=-1) if kind != "total" else jnp.sum(d_losses)

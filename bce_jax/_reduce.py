@@ -163,12 +163,12 @@ def _unless_overflow(value, total, formula, layout, arrays, scale):
   overflow (two logits of 3e38 with label 0) where the mean cannot. Only
   then, and only in the value (the derivative stays `value`'s), the terms
   are scaled before they are summed. The common case pays for one scalar
-  test (small inputs compute both).
+  test; small inputs take the scaled sum alone.
   """
   arrays, scale = jax.lax.stop_gradient((arrays, scale))
   recompute = functools.partial(scaled_sums, formula, layout, False, scale, *arrays)
-  if small(layout):  # no conditional for small inputs (as in the kernel): both, fused
-    return _replace_primal(value, recompute())
+  if small(layout):  # small inputs (no conditional, as in the kernel): the scaled sum alone
+    return _value_of_second(value, recompute())
   return _replace_primal(value, jax.lax.cond(jnp.isinf(total), recompute, lambda: value))
 
 
@@ -181,6 +181,18 @@ def _replace_primal(value, replacement):
 @_replace_primal.defjvp
 def _replace_primal_jvp(primals, tangents):
   return _replace_primal(*primals), tangents[0]
+
+
+@jax.custom_jvp
+def _value_of_second(first, second):
+  """`second`, with `first`'s derivative (`first` is then computed only when differentiated)."""
+  del first
+  return second
+
+
+@_value_of_second.defjvp
+def _value_of_second_jvp(primals, tangents):
+  return _value_of_second(*primals), tangents[0]
 
 
 def batch_sums(formula, layout, *arrays):
