@@ -32,6 +32,15 @@ The derivative is the element formula's own JVP, taken on the inputs as
 they are (no barrier, no flattening): in reverse mode it is one elementwise
 pass that writes the gradient.
 
+Beside a derivative, the value's layout is chosen per platform, when the
+program is lowered (``_value_for_platform``, the one place): on CPU it is
+the fast path above, a pass of its own; elsewhere (GPU) it is the sum of the
+element losses the derivative's pass computes, with nothing between them,
+so that XLA:GPU fuses the reduction and the gradient into one multi-output
+pass (inputs read once, only the gradient written; in bfloat16 the
+gradient is written in bfloat16, the math in float32 inside the fusion).
+The JVP rule stays a JVP rule, so forward mode and Hessians work on both.
+
 The kernel takes the arrays as the user passed them, with a static
 :class:`Layout` saying how to bring them to rows, so that the fallback's
 ``cond`` only holds buffers that exist anyway (a derived array, such as a
@@ -398,6 +407,18 @@ def _value_for_platform(formula, kind, layout, raw, losses, weight):
   return jax.lax.platform_dependent(
     cpu=lambda: reduced(formula, kind, layout, *raw),
     default=lambda: _one_pass_value(formula, kind, layout, raw, losses, weight),
+  )
+
+
+def cpu_barrier(value):
+  """`value` behind an optimization barrier on CPU; as it is elsewhere.
+
+  For a small side computation (a mask's count) that XLA's CPU fusion would
+  share with the loss's reduction and write out in full; on a GPU it belongs
+  in the same fused pass.
+  """
+  return jax.lax.platform_dependent(
+    value, cpu=jax.lax.optimization_barrier, default=lambda value: value
   )
 
 

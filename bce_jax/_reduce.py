@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from bce_jax import _checked, _validate
-from bce_jax._kernel import Formula, Layout, reduced, scaled_sums, small
+from bce_jax._kernel import Formula, Layout, cpu_barrier, reduced, scaled_sums, small
 
 __all__ = [
   "Formula",
@@ -122,7 +122,7 @@ def _unmasked(layout, mask, dtype):
   """How many per-sample entries the mask keeps (all of them without one)."""
   if mask is None:
     return _validate.prod(layout.per_sample_shape)
-  _, mask = layout.per_sample(None, jax.lax.optimization_barrier(mask))
+  _, mask = layout.per_sample(None, cpu_barrier(mask))
   # The barrier makes the count read the mask on its own: a conversion
   # shared with the loss's reduction would be written out in full.
   return jnp.sum(mask.astype(dtype))
