@@ -122,11 +122,20 @@ def _reference_value_and_grad(batch, from_logits, reduction):
   return value, x.reshape(-1, F).T @ d_preds.reshape(-1, L)
 
 
+def _model(base, x, w):
+  """``base + x @ w`` with the matmul in full float32.
+
+  The tolerances below are float32's: a GPU runs a default-precision float32
+  matmul in TF32 (a 10-bit mantissa), ~1e-3 off, so the precision is stated.
+  """
+  return base + jnp.matmul(x, w, precision=jax.lax.Precision.HIGHEST)
+
+
 def _objective(loss):
   """``objective(w, y, base, x, sample_weight, mask)``: the loss of the model ``base + x @ w``."""
 
   def objective(w, y, base, x, sample_weight, mask):
-    return jnp.sum(loss(y, base + x @ w, sample_weight, mask))  # None: sum the per-sample losses
+    return jnp.sum(loss(y, _model(base, x, w), sample_weight, mask))  # None: sum per-sample
 
   return objective
 
@@ -168,6 +177,14 @@ class PaddingTest(parameterized.TestCase):
     scale = np.abs(expected_grad).max()
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-5 * scale)
 
+  def test_model_matmul_is_full_float32_whatever_the_default(self):
+    # The tolerances assume a float32 matmul; TF32 (a GPU's default) is not simulated
+    # on CPU, so the lowered program is checked to carry the precision itself.
+    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((B, L), (B, F), (F, L))]
+    with jax.default_matmul_precision("tensorfloat32"):
+      text = jax.jit(_model).lower(*args).as_text()
+    self.assertRegex(text, r"dot_general.*precision = \[HIGHEST, HIGHEST\]")
+
   def test_value_does_not_depend_on_the_padding(self):
     # "Exactly 0": the value with garbage in the excluded entries is the value of the
     # same batch with ordinary numbers there, bit for bit (the gradients are compared
@@ -205,7 +222,7 @@ class PaddingTest(parameterized.TestCase):
 
     def result(w, padded):
       y = batch["y_pad" if padded else "y"]
-      preds = batch["base_pad" if padded else "base"] + batch["x"] @ w
+      preds = _model(batch["base_pad" if padded else "base"], batch["x"], w)
       return m.result(m.update(m.init(), y, preds, batch["sample_weight"], batch["mask"]))
 
     grad = jax.jit(jax.value_and_grad(result), static_argnums=1)
