@@ -4,6 +4,8 @@ Inputs arrive as `[M, L]` arrays: `M` per-sample entries (rows) of `L`
 elements each, averaged later. Two reductions, one custom JVP:
 
 * ``"rows"``: ``w_m * sum_l E_ml``, a `[M]` array;
+* ``"means"``: ``w_m * mean_l E_ml``, finite where the row sum overflows
+  float32 but the mean does not (inputs near the float32 maximum);
 * ``"total"``: ``sum_m w_m * sum_l E_ml``, a scalar.
 
 A row whose weight is exactly 0 (a masked or zero-weighted entry) adds exactly
@@ -30,6 +32,15 @@ The derivative is the element formula's own JVP, taken on the inputs as
 they are (no barrier, no flattening): in reverse mode it is one elementwise
 pass that writes the gradient.
 
+Beside a derivative, the value's layout is chosen per platform, when the
+program is lowered (``_value_for_platform``, the one place): on CPU it is
+the fast path above, a pass of its own; elsewhere (GPU) it is the sum of the
+element losses the derivative's pass computes, with nothing between them,
+so that XLA:GPU fuses the reduction and the gradient into one multi-output
+pass (inputs read once, only the gradient written; in bfloat16 the
+gradient is written in bfloat16, the math in float32 inside the fusion).
+The JVP rule stays a JVP rule, so forward mode and Hessians work on both.
+
 The kernel takes the arrays as the user passed them, with a static
 :class:`Layout` saying how to bring them to rows, so that the fallback's
 ``cond`` only holds buffers that exist anyway (a derived array, such as a
@@ -38,96 +49,16 @@ mask converted to weights, would be written out in full for it).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from bce_jax import _validate
+from bce_jax._layout import Formula, Layout, compute_dtype
 
-
-@dataclasses.dataclass(frozen=True)
-class Formula:
-  """An element formula with its static parameters (hashable: a jit key).
-
-  `element(labels, preds, pos_weight, *, from_logits, safe, **params)` takes
-  arrays in the compute dtype (labels already smoothed) and returns the
-  element losses; `safe=True` asks for exact values where the fast form
-  gives nan (infinite logits).
-  """
-
-  element: Callable[..., jax.Array]
-  from_logits: bool
-  params: tuple[tuple[str, Any], ...] = ()
-
-  def __call__(self, labels, preds, pos_weight, *, safe: bool = False) -> jax.Array:
-    return self.element(
-      labels, preds, pos_weight, from_logits=self.from_logits, safe=safe, **dict(self.params)
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """Static facts about one call: shapes, and the axes averaged per sample.
-
-  Attributes:
-    shape: the aligned shape of `y_true` and `y_pred`.
-    axes: the sorted, non-negative axes averaged into each per-sample loss.
-    weight_shapes: the shapes `sample_weight` and `mask` are reshaped to
-      before they are broadcast to the per-sample shape (None if absent).
-  """
-
-  shape: tuple[int, ...]
-  axes: tuple[int, ...]
-  weight_shapes: tuple[Any, Any] = (None, None)
-
-  @property
-  def per_sample_shape(self) -> tuple[int, ...]:
-    return tuple(d for i, d in enumerate(self.shape) if i not in self.axes)
-
-  @property
-  def width(self) -> int:
-    """`L`: the elements averaged into one per-sample loss."""
-    return _validate.prod(self.shape[a] for a in self.axes)
-
-  @property
-  def rows(self) -> tuple[int, int]:
-    return (_validate.prod(self.per_sample_shape), self.width)
-
-  def per_sample(self, sample_weight, mask):
-    """`sample_weight` and `mask` broadcast to the per-sample loss shape."""
-    out = []
-    for array, shape in zip((sample_weight, mask), self.weight_shapes):
-      if array is not None:
-        array = jnp.broadcast_to(array.reshape(shape), self.per_sample_shape)
-      out.append(array)
-    return out
-
-  def to_rows(self, array):
-    """An array of the aligned shape as `[M, L]` rows (the axes last)."""
-    array = array.reshape(self.shape)
-    kept = tuple(i for i in range(len(self.shape)) if i not in self.axes)
-    order = kept + self.axes
-    if order != tuple(range(len(self.shape))):
-      array = array.transpose(order)
-    return array.reshape(self.rows)
-
-  def row_weights(self, sample_weight, mask, dtype):
-    """`[M]` row weights with the mask folded in (0 where excluded), or None."""
-    sample_weight, mask = self.per_sample(sample_weight, mask)
-    weight = None if sample_weight is None else sample_weight.astype(dtype).reshape(-1)
-    if mask is None:
-      return weight
-    mask = mask.reshape(-1)
-    return mask.astype(dtype) if weight is None else jnp.where(mask, weight, 0)
-
-
-def compute_dtype(dtype: Any) -> Any:
-  return jnp.promote_types(dtype, jnp.float32)
+__all__ = ["Formula", "Layout", "compute_dtype", "cpu_barrier", "reduced", "scaled_sums", "small"]
 
 
 def _losses(formula: Formula, labels, preds, pos_weight, smoothing, safe: bool) -> jax.Array:
@@ -250,10 +181,16 @@ def _rows_inputs(layout, y_true, y_pred, smoothing, pos_weight, sample_weight, m
 _FAST_MIN_SIZE = 1 << 14
 
 
+def small(layout: Layout) -> bool:
+  """Whether a call takes the safe path alone (no fallback conditional)."""
+  return _validate.prod(layout.shape) < _FAST_MIN_SIZE
+
+
 def _impl(formula, kind, layout, *raw):
-  if _validate.prod(layout.shape) < _FAST_MIN_SIZE:
-    rows = _rows(formula, *_rows_inputs(layout, *raw), safe=True)
-    return rows if kind == "rows" else jnp.sum(rows)
+  width = max(layout.width, 1)
+  means = kind == "means"
+  if small(layout):
+    return _safe_value(formula, kind, layout, *raw)
 
   def compute(safe: bool):
     labels, preds, pos_weight, smoothing, weight = _rows_inputs(layout, *raw)
@@ -262,16 +199,56 @@ def _impl(formula, kind, layout, *raw):
       labels = jnp.where(keep, labels, jnp.zeros((), labels.dtype))
       preds = jnp.where(keep, preds, jnp.zeros((), preds.dtype))
     args = (formula, labels, preds, pos_weight, smoothing)
-    if kind == "rows":
-      return _weighted(_fast_row_sums(*args, safe), weight)
-    return _fast_total(*args, weight, safe)
+    if kind == "total":
+      return _fast_total(*args, weight, safe)
+    rows = _weighted(_fast_row_sums(*args, safe), weight)
+    if not means:
+      return rows
+    return _row_means(formula, layout, rows, raw) if safe else rows / width
 
   # The fallback sums in the same order as the fast path, so padding full of
   # nan gives the same value, to the bit, as padding full of zeros.
   fast = compute(safe=False)
   # One nan makes the sum nan; the barrier keeps the check off the rows' fusion.
-  bad = jnp.isnan(fast if kind == "total" else jnp.sum(jax.lax.optimization_barrier(fast)))
+  check = fast if kind == "total" else jnp.sum(jax.lax.optimization_barrier(fast))
+  # Row means also fall back where a row sum overflowed (inf for finite inputs).
+  bad = ~jnp.isfinite(check) if means and width > 1 else jnp.isnan(check)
   return jax.lax.cond(bad, lambda: compute(safe=True), lambda: fast)
+
+
+def _safe_value(formula, kind, layout, *raw):
+  """The value on the safe path alone (exact at infinite logits, padding ignored)."""
+  rows = _rows(formula, *_rows_inputs(layout, *raw), safe=True)
+  if kind == "means":
+    return _row_means(formula, layout, rows, raw)
+  return rows if kind == "rows" else jnp.sum(rows)
+
+
+def _row_means(formula, layout, rows, raw):
+  """Row sums over the width; where a sum overflowed, the terms scaled before it."""
+  width = max(layout.width, 1)
+  means = rows / width
+  if width == 1:
+    return means
+  scaled = scaled_sums(formula, layout, True, jnp.asarray(1 / width, means.dtype), *raw)
+  return jnp.where(jnp.isinf(means), scaled, means)
+
+
+def scaled_sums(formula: Formula, layout: Layout, rows: bool, scale, *raw) -> jax.Array:
+  """``sum_m w_m sum_l scale * E_ml`` (per row if `rows`): each term scaled before the sum.
+
+  The safe path, for sums that overflow float32 where the scaled ones do not
+  (not differentiable: its callers keep the derivative of :func:`reduced`).
+  """
+  labels, preds, pos_weight, smoothing, weight = _rows_inputs(layout, *raw)
+  if weight is not None:
+    keep = (weight != 0)[:, None]
+    labels = jnp.where(keep, labels, jnp.zeros((), labels.dtype))
+    preds = jnp.where(keep, preds, jnp.zeros((), preds.dtype))
+  losses = _losses(formula, labels, preds, pos_weight, smoothing, safe=True)
+  factor = scale if weight is None else (weight * scale)[:, None]
+  terms = losses * factor.astype(losses.dtype)
+  return jnp.sum(terms, axis=-1) if rows else jnp.sum(terms)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
@@ -288,9 +265,11 @@ def reduced(
 ):
   """``"rows"``: the `[M]` weighted sums of each row's losses; ``"total"``: their sum.
 
+  ``"means"``: the `[M]` weighted means of each row's losses.
+
   Args:
     formula: the element formula.
-    kind: ``"rows"`` or ``"total"``.
+    kind: ``"rows"``, ``"means"`` or ``"total"``.
     layout: how the arrays are brought to `[M, L]` rows.
     y_true: labels in the aligned shape (any dtype castable to the compute
       dtype).
@@ -303,10 +282,67 @@ def reduced(
   return _impl(formula, kind, layout, y_true, y_pred, smoothing, pos_weight, sample_weight, mask)
 
 
+_LABEL_LIMIT = 2.0**64
+
+
 def _active(tangent) -> bool:
   if tangent is None or isinstance(tangent, SymbolicZero):
     return False
   return tangent.dtype != jax.dtypes.float0
+
+
+def _one_pass_value(formula, kind, layout, raw, losses, weight):
+  """The value summed from `losses`, the element losses the derivative pass computes.
+
+  `losses` come from inputs whose excluded rows are zeros, so the weights
+  multiply without a select; a nan (an infinite logit) or, for row means,
+  an overflow still falls back to the safe path.
+  """
+  if kind == "total":
+    fast = jnp.sum(losses if weight is None else losses * weight[:, None])
+    check = fast
+  else:
+    fast = jnp.sum(losses, axis=-1)
+    fast = fast if weight is None else fast * weight
+    check = jnp.sum(fast)
+  width = max(layout.width, 1)
+  if kind == "means":
+    fast = fast / width
+  bad = ~jnp.isfinite(check) if kind == "means" and width > 1 else jnp.isnan(check)
+  return jax.lax.cond(bad, lambda: _safe_value(formula, kind, layout, *raw), lambda: fast)
+
+
+def _value_for_platform(formula, kind, layout, raw, losses, weight):
+  """The value beside a derivative: how it is computed is chosen per platform, here.
+
+  * CPU: :func:`reduced`'s own fast path (flat vectors and barriers, see
+    the module docstring). The derivative's elementwise pass is separate:
+    XLA's CPU reduction fusion would otherwise write shared values out.
+  * Every other platform (GPU): the sum of the element losses that the
+    derivative's pass computes from the same inputs, with no barrier and no
+    reshape between them. XLA:GPU then fuses the value's reduction and the
+    gradient's elementwise pass into one multi-output fusion: the inputs
+    are read once and only the gradient is written.
+
+  The choice is made when the program is lowered for its platform, never at
+  run time.
+  """
+  return jax.lax.platform_dependent(
+    cpu=lambda: reduced(formula, kind, layout, *raw),
+    default=lambda: _one_pass_value(formula, kind, layout, raw, losses, weight),
+  )
+
+
+def cpu_barrier(value):
+  """`value` behind an optimization barrier on CPU; as it is elsewhere.
+
+  For a small side computation (a mask's count) that XLA's CPU fusion would
+  share with the loss's reduction and write out in full; on a GPU it belongs
+  in the same fused pass.
+  """
+  return jax.lax.platform_dependent(
+    value, cpu=jax.lax.optimization_barrier, default=lambda value: value
+  )
 
 
 @reduced.defjvp
@@ -316,14 +352,24 @@ def _reduced_jvp(formula, kind, layout, primals, tangents):
   dtype = compute_dtype(y_pred.dtype)
   weight = layout.row_weights(sample_weight, mask, dtype)
   keep = None if weight is None else (weight != 0)[:, None]
+  # What replaces a non-finite input: 0 in an excluded row (where the weight
+  # then multiplies a finite derivative by exactly 0), itself in a kept one.
+  poison = None if weight is None else jnp.where(keep, jnp.nan, 0).astype(dtype)
+  infinity = None if weight is None else jnp.where(keep, jnp.inf, 0).astype(dtype)
 
   def row_losses(y_true, y_pred, smoothing, pos_weight):
     labels, preds, pos_weight, smoothing, _ = _rows_inputs(
       layout, y_true, y_pred, smoothing, pos_weight, None, None
     )
-    if keep is not None:  # excluded rows: inputs that cannot poison a derivative
-      labels = jnp.where(keep, labels, jnp.zeros((), labels.dtype))
-      preds = jnp.where(keep, preds, jnp.zeros((), preds.dtype))
+    if poison is not None:  # excluded rows: inputs that cannot poison a derivative
+      # Selected on each input's own test (an infinite logit is exact; a
+      # label beyond 2**64 is garbage whose derivative could overflow): XLA:CPU
+      # runs a select on the rows' weights ~6x slower over narrow rows.
+      # In the compute dtype: bfloat16 copies of the fills would be written out.
+      labels, preds = labels.astype(dtype), preds.astype(dtype)
+      labels = jnp.where(jnp.abs(labels) <= _LABEL_LIMIT, labels, poison)
+      fill = jnp.where(jnp.isnan(preds), poison, infinity)
+      preds = jnp.where(jnp.isfinite(preds), preds, jnp.where(preds > 0, fill, -fill))
     return _losses(formula, labels, preds, pos_weight, smoothing, safe=False)
 
   # Scalars through a barrier, as _logsig.fresh: a smoothing or pos_weight
@@ -340,15 +386,18 @@ def _reduced_jvp(formula, kind, layout, primals, tangents):
 
   d_out = jnp.zeros_like(out)
   if active:
-    _, d_losses = jax.jvp(
+    losses, d_losses = jax.jvp(
       losses_of_active, [inputs[i] for i in active], [tangents[i] for i in active]
     )
+    out = _value_for_platform(formula, kind, layout, primals, losses, weight)
     if weight is not None:
       d_losses = d_losses * weight[:, None]
-    d_out = jnp.sum(d_losses, axis=-1) if kind == "rows" else jnp.sum(d_losses)
+    d_out = jnp.sum(d_losses, axis=-1) if kind != "total" else jnp.sum(d_losses)
   if sample_weight is not None and _active(tangents[4]):
     d_weight = layout.row_weights(tangents[4], mask, dtype)
     rows = jnp.sum(row_losses(*inputs), axis=-1)
     per_row = jnp.where(keep[:, 0], rows, 0) * d_weight
-    d_out = d_out + (per_row if kind == "rows" else jnp.sum(per_row))
+    d_out = d_out + (per_row if kind != "total" else jnp.sum(per_row))
+  if kind == "means":
+    d_out = d_out / max(layout.width, 1)
   return out, d_out

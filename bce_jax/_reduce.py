@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from bce_jax import _checked, _validate
-from bce_jax._kernel import Formula, Layout, reduced
+from bce_jax._kernel import Formula, Layout, cpu_barrier, reduced, scaled_sums, small
 
 __all__ = [
   "Formula",
@@ -127,7 +127,7 @@ def _unmasked(layout, mask, dtype):
   """How many per-sample entries the mask keeps (all of them without one)."""
   if mask is None:
     return _validate.prod(layout.per_sample_shape)
-  _, mask = layout.per_sample(None, jax.lax.optimization_barrier(mask))
+  _, mask = layout.per_sample(None, cpu_barrier(mask))
   # The barrier makes the count read the mask on its own: a conversion
   # shared with the loss's reduction would be written out in full.
   return jnp.sum(mask.astype(dtype))
@@ -147,14 +147,57 @@ def _loss_core(formula, layout, reduction, *arrays):
   _value_checks(formula, layout, *arrays)
   width = max(layout.width, 1)
   if reduction == "none":
-    return (reduced(formula, "rows", layout, *arrays) / width).reshape(layout.per_sample_shape)
-  total = reduced(formula, "total", layout, *arrays) / width
-  if reduction == "sum":
-    return total
-  sample_weight, mask = arrays[-2:]
-  if reduction == "mean_with_sample_weight" and sample_weight is not None:
-    return _divide_or_zero(total, jnp.sum(layout.row_weights(sample_weight, mask, total.dtype)))
-  return _divide_or_zero(total, _unmasked(layout, mask, total.dtype))
+    means = reduced(formula, "means", layout, *arrays)
+    return means.reshape(layout.per_sample_shape)
+  total = reduced(formula, "total", layout, *arrays)
+  value, scale = total / width, jnp.asarray(1 / width, total.dtype)
+  if reduction != "sum":
+    sample_weight, mask = arrays[-2:]
+    if reduction == "mean_with_sample_weight" and sample_weight is not None:
+      count = jnp.sum(layout.row_weights(sample_weight, mask, total.dtype))
+    else:
+      count = _unmasked(layout, mask, total.dtype)
+    value, scale = _divide_or_zero(value, count), _divide_or_zero(scale, count)
+  return _unless_overflow(value, total, formula, layout, arrays, scale)
+
+
+def _unless_overflow(value, total, formula, layout, arrays, scale):
+  """`value` (`total` times `scale`), recomputed if `total` overflowed.
+
+  Element losses are finite for finite inputs, but their float32 sum can
+  overflow (two logits of 3e38 with label 0) where the mean cannot. Only
+  then, and only in the value (the derivative stays `value`'s), the terms
+  are scaled before they are summed. The common case pays for one scalar
+  test; small inputs take the scaled sum alone.
+  """
+  arrays, scale = jax.lax.stop_gradient((arrays, scale))
+  recompute = functools.partial(scaled_sums, formula, layout, False, scale, *arrays)
+  if small(layout):  # small inputs (no conditional, as in the kernel): the scaled sum alone
+    return _value_of_second(value, recompute())
+  return _replace_primal(value, jax.lax.cond(jnp.isinf(total), recompute, lambda: value))
+
+
+@jax.custom_jvp
+def _replace_primal(value, replacement):
+  """`replacement` where `value` is infinite, `value` elsewhere; `value`'s derivative."""
+  return jnp.where(jnp.isinf(value), replacement, value)
+
+
+@_replace_primal.defjvp
+def _replace_primal_jvp(primals, tangents):
+  return _replace_primal(*primals), tangents[0]
+
+
+@jax.custom_jvp
+def _value_of_second(first, second):
+  """`second`, with `first`'s derivative (`first` is then computed only when differentiated)."""
+  del first
+  return second
+
+
+@_value_of_second.defjvp
+def _value_of_second_jvp(primals, tangents):
+  return _value_of_second(*primals), tangents[0]
 
 
 def batch_sums(formula, layout, *arrays):

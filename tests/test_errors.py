@@ -425,10 +425,12 @@ def _defining_eqns(jaxpr):
 
 
 def _conds(jaxpr, acc=None):
-  """`(predicate is isnan, number of branches)` for every `cond` in `jaxpr`, nested too.
+  """`(predicate is a fallback test, number of branches)` for every `cond`, nested too.
 
-  The predicate is followed back through casts and `reduce_or` (``jnp.any``) to the
-  comparison that made it; ``jnp.isnan(v)`` is ``ne(v, v)``.
+  The predicate is followed back through casts and `reduce_or` (``jnp.any``) to what
+  made it. A fallback test: ``jnp.isnan(v)`` (``ne(v, v)``), ``jnp.isinf`` (a nested
+  jit), ``~jnp.isfinite`` (``not``), or the platform index of
+  ``lax.platform_dependent`` (a layout chosen at lowering, not a check).
   """
   acc = [] if acc is None else acc
   inner = getattr(jaxpr, "jaxpr", jaxpr)
@@ -438,12 +440,11 @@ def _conds(jaxpr, acc=None):
       source = defining.get(eqn.invars[0])
       while source is not None and source.primitive.name in ("convert_element_type", "reduce_or"):
         source = defining.get(source.invars[0])
-      is_isnan = (
-        source is not None
-        and source.primitive.name == "ne"
-        and source.invars[0] is source.invars[1]
-      )
-      acc.append((is_isnan, len(eqn.params["branches"])))
+      name = None if source is None else source.primitive.name
+      is_isnan = name == "ne" and source.invars[0] is source.invars[1]
+      is_isinf = name in ("jit", "pjit") and source.params.get("name") == "isinf"
+      is_fallback = is_isnan or is_isinf or name in ("not", "platform_index")
+      acc.append((is_fallback, len(eqn.params["branches"])))
     for param in eqn.params.values():
       for sub in param if isinstance(param, (tuple, list)) else (param,):
         if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
@@ -672,8 +673,9 @@ class CheckedTest(chex.TestCase):
     # (bce_jax/_kernel.py: on inputs large enough for the fast path, the fast sum is
     # taken again on the safe path only when it is nan). So "no branch" is asserted of
     # the value checks: no `check` primitive and no loop anywhere, and every `cond` is
-    # that fallback: a two-way branch whose predicate is `isnan` (`ne(v, v)`) of the
-    # fast sum, with no check inside (the walk covers the branches).
+    # a fallback (a two-way branch on `isnan` of the fast sum, or on its overflow) or
+    # the platform's layout (lax.platform_dependent), with no check inside (the walk
+    # covers the branches).
     y, p = _inputs((B, T, D))
     y_big, p_big = _inputs((4096, 8))  # 32768 elements: the fast path and its cond
     m = bce_jax.BinaryCrossentropyMetric()

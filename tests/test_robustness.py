@@ -122,11 +122,20 @@ def _reference_value_and_grad(batch, from_logits, reduction):
   return value, x.reshape(-1, F).T @ d_preds.reshape(-1, L)
 
 
+def _model(base, x, w):
+  """``base + x @ w`` with the matmul in full float32.
+
+  The tolerances below are float32's: a GPU runs a default-precision float32
+  matmul in TF32 (a 10-bit mantissa), ~1e-3 off, so the precision is stated.
+  """
+  return base + jnp.matmul(x, w, precision=jax.lax.Precision.HIGHEST)
+
+
 def _objective(loss):
   """``objective(w, y, base, x, sample_weight, mask)``: the loss of the model ``base + x @ w``."""
 
   def objective(w, y, base, x, sample_weight, mask):
-    return jnp.sum(loss(y, base + x @ w, sample_weight, mask))  # None: sum the per-sample losses
+    return jnp.sum(loss(y, _model(base, x, w), sample_weight, mask))  # None: sum per-sample
 
   return objective
 
@@ -168,6 +177,14 @@ class PaddingTest(parameterized.TestCase):
     scale = np.abs(expected_grad).max()
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-5 * scale)
 
+  def test_model_matmul_is_full_float32_whatever_the_default(self):
+    # The tolerances assume a float32 matmul; TF32 (a GPU's default) is not simulated
+    # on CPU, so the lowered program is checked to carry the precision itself.
+    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((B, L), (B, F), (F, L))]
+    with jax.default_matmul_precision("tensorfloat32"):
+      text = jax.jit(_model).lower(*args).as_text()
+    self.assertRegex(text, r"dot_general.*precision = \[HIGHEST, HIGHEST\]")
+
   def test_value_does_not_depend_on_the_padding(self):
     # "Exactly 0": the value with garbage in the excluded entries is the value of the
     # same batch with ordinary numbers there, bit for bit (the gradients are compared
@@ -205,7 +222,7 @@ class PaddingTest(parameterized.TestCase):
 
     def result(w, padded):
       y = batch["y_pad" if padded else "y"]
-      preds = batch["base_pad" if padded else "base"] + batch["x"] @ w
+      preds = _model(batch["base_pad" if padded else "base"], batch["x"], w)
       return m.result(m.update(m.init(), y, preds, batch["sample_weight"], batch["mask"]))
 
     grad = jax.jit(jax.value_and_grad(result), static_argnums=1)
@@ -430,6 +447,45 @@ class InfiniteLogitsTest(chex.TestCase):
     np.testing.assert_allclose(result, per_sample.mean(), rtol=1e-5)
     x[7, 7] = -np.inf if y[7, 7] else np.inf  # mismatched: inf, not nan
     self.assertEqual(float(jax.jit(loss)(y, x)), np.inf)
+
+
+class HugeFiniteLogitsTest(parameterized.TestCase):
+  """README: a finite loss for every finite logit. Element losses near the float32
+  maximum overflow a float32 sum (two logits of 3.39e38 with label 0), not their mean."""
+
+  @parameterized.product(
+    dtype=("bfloat16", "float32"),
+    shape=((2, 1), (2, 8), (4096, 8)),
+    reduction=("sum_over_batch_size", "mean_with_sample_weight", "none"),
+    jit=(False, True),
+  )
+  def test_mean_of_huge_losses_is_finite(self, dtype, shape, reduction, jit):
+    x = np.zeros(shape, np.float32)
+    x[:2] = 3.39e38  # rounds to 3.3895e38 in bfloat16
+    x = jnp.asarray(x, dtype)
+    y = np.zeros(shape, np.float32)
+    weight = np.ones(shape[0], np.float32)
+    weight[-1] = 0.0  # an excluded sample holding nan
+    x = x.at[-1].set(jnp.nan)
+    x64 = np.where(np.isnan(np.asarray(x, np.float64)), 0.0, np.asarray(x, np.float64))
+    per_sample = np.where(weight > 0, ref.elementwise(y, x64, from_logits=True).mean(-1), 0.0)
+    expected = {
+      "sum_over_batch_size": per_sample.sum() / shape[0],
+      "mean_with_sample_weight": per_sample.sum() / weight.sum(),
+      "none": per_sample,
+    }[reduction]
+    loss = bce_jax.BinaryCrossentropy(from_logits=True, reduction=reduction)
+    value = (jax.jit(loss) if jit else loss)(y, x, weight)
+    g = jax.grad(lambda x: jnp.sum(loss(y, x, sample_weight=weight)))(x)
+    np.testing.assert_allclose(np.asarray(value, np.float64), expected, rtol=1e-6)
+    # The derivative is the usual one: sigmoid(x) / L per element, scaled by the reduction.
+    self.assertTrue(np.all(np.isfinite(np.asarray(g, np.float32))))
+    np.testing.assert_array_equal(np.asarray(g[-1], np.float32), 0.0)
+
+  def test_a_sum_that_overflows_is_inf(self):
+    x = jnp.full((2, 1), 3.39e38, jnp.float32)
+    loss = bce_jax.BinaryCrossentropy(from_logits=True, reduction="sum")
+    self.assertEqual(float(loss(jnp.zeros((2, 1)), x)), np.inf)
 
 
 # --------------------------------------------------------------------------
