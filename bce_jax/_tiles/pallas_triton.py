@@ -19,6 +19,11 @@ Design:
   ``atomic_add`` into ``dL/db``, moves a ``[block, D]`` float32 slab through
   L2 for every tile: at ``D = 512`` that traffic exceeds the matmuls' time,
   while recomputing the logits costs one matmul in four.
+* **Column chunks.** A small batch against many columns (B = 1024 rows
+  against millions of labels) has few row blocks: the row kernel's grid is
+  row blocks x column chunks (:mod:`.pallas_triton_config`), each chunk
+  writing float32 partial row sums that are added here, at most 64 MiB of
+  them. One chunk (a big batch) gives the sums of one walk.
 * **Masks, not branches.** Excluded rows and columns (``row_mask``,
   ``col_mask``) and padding enter every tile as a select, so they are
   neither anchors nor negatives; their rows of ``a`` and ``b`` are zeroed
@@ -86,19 +91,19 @@ def _same_axes(args: list[jax.Array]) -> list[jax.Array]:
   return [_shard.varying(a, axes) for a in args]
 
 
-def _out_type(shape: tuple[int, ...], like: jax.Array) -> jax.ShapeDtypeStruct:
-  """A float32 output of `shape`, varying over the ``shard_map`` axes `like`
+def _out_type(shape: tuple[int, ...], like: jax.Array, dtype: Any = jnp.float32) -> Any:
+  """An output of `shape` and `dtype` (float32 by default), varying over the ``shard_map`` axes `like`
   varies over (the keyword is ``manual_axis_type`` from jax 0.10, ``vma``
   before)."""
   aval = jax.typeof(like) if hasattr(jax, "typeof") else None
   kind = getattr(aval, "manual_axis_type", None)
   if kind is not None and kind.varying:
-    return jax.ShapeDtypeStruct(shape, jnp.float32, manual_axis_type=kind)
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=kind)
   vma = getattr(aval, "vma", None)
   if kind is None and vma:
     old: Any = jax.ShapeDtypeStruct  # jax < 0.10 calls the keyword `vma`
-    return old(shape, jnp.float32, vma=vma)
-  return jax.ShapeDtypeStruct(shape, jnp.float32)
+    return old(shape, dtype, vma=vma)
+  return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def _mma_dtype(dtype: Any, precision: Any) -> np.dtype:
@@ -128,10 +133,16 @@ def parts(
   value: bool = True,
   grads: bool = True,
   precision: Any = None,
+  db_scale: jax.Array | None = None,
+  db_dtype: Any = jnp.float32,
   config: Config | None = None,
   interpret: bool | None = None,
 ) -> dict[str, jax.Array]:
   """The sweep's raw sums, before the scale is applied (see :func:`sweep`).
+
+  `db_scale` (a scalar, or None for 1) multiplies ``gt_a`` in the kernel,
+  which writes it in `db_dtype`: a caller that needs ``c g^T a`` in the
+  columns' dtype (the linear loss's ``dW``) then holds no float32 copy.
 
   Returns:
     A dict of float32 arrays: with `value`, ``loss`` ``[B]`` (row sums of
@@ -164,7 +175,9 @@ def parts(
   a_p, row_ok = prepare(a, row_mask, rows_p)
   b_p, col_ok = prepare(b, col_mask, cols_p)
   bias_p = _pad(jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (cols,)), cols_p)
-  args = [jnp.asarray(scale, jnp.float32).reshape(1), a_p, b_p, bias_p, row_ok, col_ok]
+  factor = jnp.ones((), jnp.float32) if db_scale is None else jnp.asarray(db_scale, jnp.float32)
+  scales = jnp.stack([jnp.asarray(scale, jnp.float32).reshape(()), factor.reshape(())])
+  args = [scales, a_p, b_p, bias_p, row_ok, col_ok]
   if rule == "ids":
     if row_ids is None or col_ids is None:
       raise ValueError("the 'ids' rule needs `row_ids` and `col_ids`.")
@@ -181,40 +194,63 @@ def parts(
 
   args = _same_axes(args)
   mma = _mma_dtype(dtype, precision)
-  spec = _kernel.Spec(rule, rows_p, cols_p, bm, bn, value, grads, precision, mma)
+  chunks = min(cfg.col_chunks, cols_p // bn)
+  db_dtype = np.dtype(db_dtype)
+  spec = _kernel.Spec(
+    rule,
+    rows_p,
+    cols_p,
+    bm,
+    bn,
+    value,
+    grads,
+    precision,
+    mma,
+    chunks,
+    db_scale is not None,
+    db_dtype,
+  )
   params = _pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
   interpret = _INTERPRET if interpret is None else interpret
   call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
 
+  # Index maps take the grid's indices: (row block, chunk) in the row
+  # kernel, (column block,) in the column kernel; blocks follow the first.
   def whole(x):
-    return pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim)
+    return pl.BlockSpec(x.shape, lambda i, *_: (0,) * x.ndim)
 
   def block(x, size, axis=0):
     shape = list(x.shape)
     shape[axis] = size
-    return pl.BlockSpec(tuple(shape), lambda i: tuple(i if d == axis else 0 for d in range(x.ndim)))
+    index = lambda i, *_: tuple(i if d == axis else 0 for d in range(x.ndim))
+    return pl.BlockSpec(tuple(shape), index)
 
   def spec_of(i, x, blocked, size):
     if i not in blocked:
       return whole(x)
     return block(x, size, axis=1 if rule == "ids" and i >= 6 else 0)  # ids are [P, N]
 
+  def partial_sum(o):  # one chunk's [bm] or [bm, Dp] part of a [chunks, ...] output
+    shape = (None, bm) + tuple(o.shape[2:])
+    return pl.BlockSpec(shape, lambda i, c: (c, i) + (0,) * (o.ndim - 2))
+
   row_blocked = {1, 4} | ({6} if rule in ("ids", "lists") else set())  # a, row_ok, row_ids/lists
   col_blocked = {2, 3, 5} | ({7} if rule == "ids" else set())  # b, bias, col_ok, col_ids
   shapes = {"loss": (rows_p,), "g_rows": (rows_p,), "gdot_rows": (rows_p,), "g_b": (rows_p, dim_p)}
   names = (["loss"] if value else []) + (["g_rows", "gdot_rows", "g_b"] if grads else [])
-  row_outs = [_out_type(shapes[n], args[1]) for n in names]
+  row_outs = [_out_type((chunks, *shapes[n]), args[1]) for n in names]
   found = call(
     functools.partial(_kernel.rows_kernel, spec=spec),
     out_shape=row_outs,
-    grid=(rows_p // bm,),
+    grid=(rows_p // bm, chunks),
     in_specs=[spec_of(i, x, row_blocked, bm) for i, x in enumerate(args)],
-    out_specs=[block(o, bm) for o in row_outs],
+    out_specs=[partial_sum(o) for o in row_outs],
   )(*args)
+  found = [v[0] if chunks == 1 else jnp.sum(v, axis=0) for v in found]
   out = {n: v[:rows, :dim] if v.ndim == 2 else v[:rows] for n, v in zip(names, found)}
   if not grads:
     return out
-  col_outs = [_out_type((cols_p,), args[1]), _out_type((cols_p, dim_p), args[1])]
+  col_outs = [_out_type((cols_p,), args[1]), _out_type((cols_p, dim_p), args[1], db_dtype)]
   g_cols, gt_a = call(
     functools.partial(_kernel.cols_kernel, spec=spec),
     out_shape=col_outs,
