@@ -106,8 +106,9 @@ def _check(test, got, h, w, b, pos, mask, reduction, tol):
 
 @needs_triton
 class KernelAgainstReferenceTest(parameterized.TestCase):
-  # 150 labels: three 64-label blocks, the last one partly padding; 550 is
-  # nine blocks for a 37-row batch, walked in two chunks of five and four.
+  # 150 labels: two 64-label blocks for the kernels and 22 labels as an XLA
+  # tile (D = 16: `w` is not copied), or, at D = 24 (padded to 32), three
+  # blocks, the last partly padding; 550 labels: 8 blocks in two chunks.
   @parameterized.named_parameters(
     ("sum_f32", 37, 150, 16, "sum", "float32", False),
     ("mean_mask_nan_f32", 37, 150, 24, "mean", "float32", True),
@@ -126,6 +127,29 @@ class KernelAgainstReferenceTest(parameterized.TestCase):
     # The case above really splits the walk, the last chunk shorter.
     config = pallas_triton_config.choose(37, 550, 16)
     self.assertEqual((config.block_cols, config.col_chunks), (64, 2))
+
+  @parameterized.parameters("diagonal", "ids")
+  def test_unpadded_columns_other_rules(self, rule):
+    # The last partial block as an XLA tile, for the pairwise rules too.
+    h, w, b, _, _ = _data(20, 75, 16, seed=4)
+    ids = np.arange(75, dtype=np.int32) % 7
+    kw = {"row_ids": jnp.asarray(ids[:20]), "col_ids": jnp.asarray(ids)} if rule == "ids" else {}
+    outs = [
+      pallas_triton.parts(
+        jnp.asarray(h),
+        jnp.asarray(w),
+        2.0,
+        jnp.asarray(b),
+        rule=rule,
+        interpret=True,
+        precision="highest",
+        unpadded_columns=unpadded,
+        **kw,
+      )
+      for unpadded in (False, True)
+    ]
+    for name in outs[0]:
+      np.testing.assert_allclose(outs[1][name], outs[0][name], rtol=2e-6, atol=1e-6, err_msg=name)
 
   def test_many_chunks_equal_one(self):
     h, w, b, pos, _ = _data(16, 300, 16, seed=3)
@@ -312,6 +336,13 @@ class SelectionTest(parameterized.TestCase):
     text = self._lowered("cuda", labels=4096, dim=64)
     self.assertIn("tensor<4096x64xbf16>", text)
     self.assertNotIn("tensor<4096x64xf32>", text)
+
+  def test_labels_no_multiple_of_the_block_are_not_copied(self):
+    # 4100 labels: 64 blocks of 64 in the kernels, 4 in an XLA tile; no
+    # padded [4160, 64] copy of w or of dW.
+    text = self._lowered("cuda", labels=4100, dim=64)
+    self.assertIn("xla.gpu.triton", text)
+    self.assertNotIn("tensor<4160x64x", text)
 
 
 class ArgumentsTest(parameterized.TestCase):

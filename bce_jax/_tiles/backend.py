@@ -198,6 +198,7 @@ def kernel_linear_sweep(h, w, bias, lists, mask, unit, offset, *, grads: bool, p
     precision=precision,
     db_scale=unit if grads else None,
     db_dtype=w.dtype,
+    unpadded_columns=True,
   )
   found = {"loss": out["loss"]}
   if grads:

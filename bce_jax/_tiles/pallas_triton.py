@@ -40,7 +40,11 @@ Design:
   WGMMA operands; the Triton lowering takes the tile code as written.
 
 Everything is padded here: rows to the blocks, ``D`` to a power of two.
-Costs O((B + C) D) memory beyond the inputs.
+Costs O((B + C) D) memory beyond the inputs. With ``unpadded_columns``
+(the linear BCE: ``b`` is the label matrix, too big to copy) ``b`` is not
+padded: the kernels walk its whole column blocks, the last ``C %
+block_cols`` columns are one small XLA tile, and ``g^T a`` is written in
+place.
 """
 
 from __future__ import annotations
@@ -135,6 +139,7 @@ def parts(
   precision: Any = None,
   db_scale: jax.Array | None = None,
   db_dtype: Any = jnp.float32,
+  unpadded_columns: bool = False,
   config: Config | None = None,
   interpret: bool | None = None,
 ) -> dict[str, jax.Array]:
@@ -143,6 +148,10 @@ def parts(
   `db_scale` (a scalar, or None for 1) multiplies ``gt_a`` in the kernel,
   which writes it in `db_dtype`: a caller that needs ``c g^T a`` in the
   columns' dtype (the linear loss's ``dW``) then holds no float32 copy.
+  `unpadded_columns`: no padded copy of `b` where its rows are no multiple
+  of the column block (when ``D`` is a power of two >= 16, `b` already in
+  the common dtype and no `col_mask`): the last partial block is an XLA
+  tile.
 
   Returns:
     A dict of float32 arrays: with `value`, ``loss`` ``[B]`` (row sums of
@@ -173,7 +182,13 @@ def parts(
     return jnp.pad(x, ((0, n - x.shape[0]), (0, dim_p - dim))), _pad(ok, n)
 
   a_p, row_ok = prepare(a, row_mask, rows_p)
-  b_p, col_ok = prepare(b, col_mask, cols_p)
+  split = unpadded_columns and col_mask is None and dim == dim_p and b.dtype == dtype
+  split = split and cols > bn and cols % bn != 0
+  swept = cols - cols % bn if split else cols_p  # the columns the kernels walk
+  if split:  # b as it is; the last cols - swept columns are an XLA tile
+    b_p, col_ok = b, _pad(jnp.ones(cols, jnp.int32), cols_p)
+  else:
+    b_p, col_ok = prepare(b, col_mask, cols_p)
   bias_p = _pad(jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (cols,)), cols_p)
   factor = jnp.ones((), jnp.float32) if db_scale is None else jnp.asarray(db_scale, jnp.float32)
   scales = jnp.stack([jnp.asarray(scale, jnp.float32).reshape(()), factor.reshape(())])
@@ -194,12 +209,12 @@ def parts(
 
   args = _same_axes(args)
   mma = _mma_dtype(dtype, precision)
-  chunks = min(cfg.col_chunks, cols_p // bn)
+  chunks = min(cfg.col_chunks, swept // bn)
   db_dtype = np.dtype(db_dtype)
   spec = _kernel.Spec(
     rule,
     rows_p,
-    cols_p,
+    swept,
     bm,
     bn,
     value,
@@ -247,18 +262,68 @@ def parts(
     out_specs=[partial_sum(o) for o in row_outs],
   )(*args)
   found = [v[0] if chunks == 1 else jnp.sum(v, axis=0) for v in found]
+  tail = _tail(spec, args, swept, cols) if split else None
+  if tail is not None:
+    found = [v + tail[n] for n, v in zip(names, found)]
   out = {n: v[:rows, :dim] if v.ndim == 2 else v[:rows] for n, v in zip(names, found)}
   if not grads:
     return out
-  col_outs = [_out_type((cols_p,), args[1]), _out_type((cols_p, dim_p), args[1], db_dtype)]
+  col_outs = [
+    _out_type((cols_p,), args[1]),
+    _out_type((cols if split else cols_p, dim_p), args[1], db_dtype),
+  ]
   g_cols, gt_a = call(
     functools.partial(_kernel.cols_kernel, spec=spec),
     out_shape=col_outs,
-    grid=(cols_p // bn,),
+    grid=(swept // bn,),
     in_specs=[spec_of(i, x, col_blocked, bn) for i, x in enumerate(args)],
     out_specs=[block(o, bn) for o in col_outs],
   )(*args)
+  if tail is not None:  # in place: the kernel left these rows unwritten
+    g_cols = jax.lax.dynamic_update_slice_in_dim(g_cols, tail["g_cols"], swept, 0)
+    gt_a = jax.lax.dynamic_update_slice_in_dim(gt_a, tail["gt_a"], swept, 0)
   return {**out, "g_cols": g_cols[:cols], "gt_a": gt_a[:cols, :dim]}
+
+
+def _tail(spec: _kernel.Spec, args: list[jax.Array], start: int, cols: int) -> dict[str, Any]:
+  """Columns ``start : cols`` of the kernels' arguments (fewer than a block)
+  as one XLA tile, with the kernels' arithmetic: the row sums to add to the
+  row kernel's and, with grads, the rows of ``g_cols`` and ``gt_a``."""
+  scales, a, b, bias, row_ok = args[:5]
+  b_t = b[start:cols]
+
+  def dot(x, y, contract):
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return jax.lax.dot_general(
+      x, y, dims, precision=spec.precision, preferred_element_type=jnp.float32
+    )
+
+  dots = dot(a, b_t, (1, 1))
+  logits = scales[0] * dots + bias[start:cols][None, :]
+  shape = dots.shape
+  if spec.rule == "ids":  # [P, N] ids: every part equal
+    pos = jnp.ones(shape, jnp.bool_)
+    for row_part, col_part in zip(args[6], args[7][:, start:cols]):
+      pos = pos & tile.positive("ids", shape, row_ids=row_part, col_ids=col_part)
+  else:
+    lists = args[6] if spec.rule == "lists" else None
+    pos = tile.positive(spec.rule, shape, col_start=start, lists=lists)
+  ok = jnp.broadcast_to(row_ok[:, None] != 0, shape)
+  out: dict[str, Any] = {"loss": jnp.sum(jnp.where(ok, tile.losses(logits, pos), 0.0), axis=1)}
+  if spec.grads:
+    g = jnp.where(ok, tile.dlogits(logits, pos), 0.0)
+    mma = spec.mma_dtype
+    gt_a = dot(g.astype(mma), a.astype(mma), (0, 0))
+    if spec.db_scaled:
+      gt_a = gt_a * scales[1]
+    out.update(
+      g_rows=jnp.sum(g, axis=1),
+      gdot_rows=jnp.sum(g * dots, axis=1),
+      g_b=dot(g.astype(mma), b_t.astype(mma), (1, 0)),
+      g_cols=jnp.sum(g, axis=0),
+      gt_a=gt_a.astype(spec.db_dtype),
+    )
+  return out
 
 
 def sweep(
