@@ -10,6 +10,10 @@ backward pass only scales them. Memory: ``W``, one W-sized ``dW`` and one
 tile. Inside ``shard_map`` each device sweeps its own label shard and the
 row sums are ``psum``-ed; ``h`` is typed as varying over the axis, so its
 cotangents are summed across devices by the transpose of that cast.
+
+On a CUDA GPU the same sweep runs as the fused Pallas-Triton kernels the
+pairwise loss uses (``"lists"`` positives rule), chosen when the program is
+lowered in :mod:`bce_jax._tiles.backend`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import dataclasses
 import functools
 import numbers
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +32,7 @@ from jax.typing import ArrayLike
 
 from bce_jax import _checked, _validate
 from bce_jax._config import Config
-from bce_jax._tiles import xla
+from bce_jax._tiles import backend, xla
 
 LABEL_REDUCTIONS = ("sum", "mean")
 
@@ -37,15 +41,22 @@ LABEL_REDUCTIONS = ("sum", "mean")
 class _Plan:
   """The static facts of one call."""
 
-  block: int | None  # None: the platform's default, chosen at lowering
+  block: int | None  # XLA tiles' width; None: the platform's default, chosen at lowering
   precision: Any
   dtypes: tuple[np.dtype, np.dtype, np.dtype | None]  # of h, w, bias: their cotangents
+  kernel: str = "never"  # the Pallas kernels: "always", on "cuda" only, or "never"
 
 
-def _run_sweep(plan: _Plan, h, w, bias, lists, mask, weight, offset, *, grads: bool):
-  """The sweep with `plan`'s tile width, or each platform's default one."""
+def _weights(mask, unit, rows: int):
+  """Each row's weight: `unit` for an included row, 0 for an excluded one."""
+  return jnp.broadcast_to(unit, (rows,)) if mask is None else jnp.where(mask, unit, 0)
 
-  def run(block, h, w, bias, lists, mask, weight, offset):
+
+def _run_sweep(plan: _Plan, h, w, bias, lists, mask, unit, offset, *, grads: bool):
+  """The sweep where the program is lowered (:mod:`bce_jax._tiles.backend`)."""
+
+  def run(block, h, w, bias, lists, mask, unit, offset):
+    weight = _weights(mask, unit, h.shape[0])
     return xla.sweep(
       h,
       w,
@@ -60,22 +71,26 @@ def _run_sweep(plan: _Plan, h, w, bias, lists, mask, weight, offset, *, grads: b
       grads=grads,
     )
 
-  args = (h, w, bias, lists, mask, weight, offset)
-  if plan.block is not None:
-    return run(plan.block, *args)
-  return xla.at_default_block(run, h.shape[0], *args)
+  def kernels(h, w, bias, lists, mask, unit, offset):
+    precision = backend.lax_precision(plan.precision)
+    return backend.kernel_linear_sweep(
+      h, w, bias, lists, mask, unit, offset, grads=grads, precision=precision
+    )
+
+  args = (h, w, bias, lists, mask, unit, offset)
+  return backend.linear_by_platform(run, kernels, h.shape[0], plan.block, plan.kernel, *args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _weighted_sum(plan: _Plan, h, w, bias, lists, mask, weight, offset):
-  """``sum_b weight_b * sum_c loss_bc`` over this device's labels."""
-  out = _run_sweep(plan, h, w, bias, lists, mask, weight, offset, grads=False)
-  return jnp.sum(weight * out["loss"])
+def _weighted_sum(plan: _Plan, h, w, bias, lists, mask, unit, offset):
+  """``unit * sum_{b included} sum_c loss_bc`` over this device's labels."""
+  out = _run_sweep(plan, h, w, bias, lists, mask, unit, offset, grads=False)
+  return jnp.sum(_weights(mask, unit, h.shape[0]) * out["loss"])
 
 
-def _weighted_sum_fwd(plan, h, w, bias, lists, mask, weight, offset):
-  out = _run_sweep(plan, h, w, bias, lists, mask, weight, offset, grads=True)
-  value = jnp.sum(weight * out["loss"])
+def _weighted_sum_fwd(plan, h, w, bias, lists, mask, unit, offset):
+  out = _run_sweep(plan, h, w, bias, lists, mask, unit, offset, grads=True)
+  value = jnp.sum(_weights(mask, unit, h.shape[0]) * out["loss"])
   return value, (out["da"], out["db"], out.get("dbias"))
 
 
@@ -191,6 +206,7 @@ def linear_binary_crossentropy(
   block_size: int | None = None,
   axis_name: Hashable | None = None,
   precision: Any = None,
+  implementation: Literal["xla", "pallas"] | None = None,
 ) -> jax.Array:
   r"""One-vs-all BCE from logits ``h @ w.T + bias``, without the ``[B, C]`` logits.
 
@@ -233,6 +249,12 @@ def linear_binary_crossentropy(
       local).
     precision: ``jax.lax.Precision`` (or its name) for every matmul; None is
       the backend's default (TF32 for float32 on recent NVIDIA GPUs).
+    implementation: None: the fused Pallas-Triton kernels where the program
+      is lowered for a CUDA GPU (float16, bfloat16 and float32 inputs; the
+      pairwise loss's kernels, with a chunked walk over the labels for small
+      batches), the XLA tiles elsewhere, chosen at lowering time; ``"xla"``:
+      the XLA tiles everywhere; ``"pallas"``: the kernels (a ValueError
+      where they cannot run). `block_size` sizes the XLA tiles only.
 
   Returns:
     The loss, a float32 scalar (float64 for float64 inputs).
@@ -240,8 +262,9 @@ def linear_binary_crossentropy(
   Raises:
     ValueError: for shapes that do not fit (`h` ``[B, D]``, `w` ``[C, D]``,
       `bias` ``[C]``, `positives` ``[B, K]``, `mask` ``[B]``), an unknown
-      `label_reduction` or `precision`, a `block_size` below 1, or an
-      `axis_name` no enclosing ``shard_map`` binds.
+      `label_reduction`, `precision` or `implementation`, a `block_size`
+      below 1, an `axis_name` no enclosing ``shard_map`` binds, or
+      ``implementation="pallas"`` where the kernels cannot run.
     TypeError: for non-float `h`, `w` or `bias`, non-integer `positives`, a
       non-bool `mask`, or a `block_size` that is not an int.
 
@@ -262,6 +285,7 @@ def linear_binary_crossentropy(
   label_reduction = _check_label_reduction(label_reduction)
   block_size, axis_name = check_block_size(block_size), check_axis_name(axis_name)
   precision = check_precision(precision)
+  implementation = backend.check_implementation(implementation)
   devices = axis_size(axis_name)
   rows, local_labels = h.shape[0], w.shape[0]
   labels = local_labels * devices
@@ -276,22 +300,26 @@ def linear_binary_crossentropy(
     )
   if rows == 0 or local_labels == 0:
     return jnp.zeros((), acc)
-  included = jnp.ones(rows, acc) if mask is None else mask.astype(acc)
-  count = jnp.sum(included)
+  count = jnp.asarray(rows, acc) if mask is None else jnp.sum(mask.astype(acc))
   per_row = jnp.maximum(count, 1) * (labels if label_reduction == "mean" else 1)
-  weight = included / per_row
+  unit = 1 / per_row  # the weight of an included row
   offset = jnp.zeros((), jnp.int32)
   if axis_name is not None:
     offset = (jax.lax.axis_index(axis_name) * local_labels).astype(jnp.int32)
   dtypes = (np.dtype(h.dtype), np.dtype(w.dtype), None if bias is None else np.dtype(bias.dtype))
-  plan = _Plan(block_size, precision, dtypes)
-  args = [h, w, bias, lists, mask, weight, offset]
+  args = [h, w, bias, lists, mask, unit, offset]
   # Inside shard_map every argument varies over the same axes: the labels'
   # axis and any that another argument varies over.
   ring = () if axis_name is None else axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  axes = tuple(
-    sorted(set().union(ring, *(xla.varying_axes(a) for a in args if a is not None)), key=str)
-  )
+  varying = set().union(*(xla.varying_axes(a) for a in args if a is not None))
+  axes = tuple(sorted(varying.union(ring), key=str))
+  kernel = "never"
+  if implementation == "pallas":
+    backend.check_pallas(acc, bool(varying))
+    kernel = "always"
+  elif implementation is None and backend.kernel_refusal(acc, bool(varying)) is None:
+    kernel = "cuda"
+  plan = _Plan(block_size, precision, dtypes, kernel)
   if axes:
     args = [None if a is None else xla.as_varying(a, axes) for a in args]
   total = _weighted_sum(plan, *args)
@@ -310,6 +338,8 @@ class LinearBinaryCrossentropy(Config):
     block_size: labels per tile; None chooses per platform.
     axis_name: the ``shard_map`` mesh axis the labels are sharded over, or None.
     precision: the matmul precision (a ``jax.lax.Precision`` name) or None.
+    implementation: None (the kernels on a CUDA GPU, XLA tiles elsewhere),
+      ``"xla"`` or ``"pallas"``.
 
   ``loss(h, w, positives, bias=None, mask=None)`` is
   :func:`linear_binary_crossentropy`; ``get_config()`` and
@@ -323,13 +353,15 @@ class LinearBinaryCrossentropy(Config):
     >>> print(f"{loss(h, w, jnp.array([[0, -1], [1, 2]])):.4f}")
     0.6801
     >>> loss.get_config()
-    {'label_reduction': 'mean', 'block_size': None, 'axis_name': None, 'precision': None}
+    {'label_reduction': 'mean', 'block_size': None, 'axis_name': None, 'precision': None,
+     'implementation': None}
   """
 
   label_reduction: str = "sum"
   block_size: int | None = None
   axis_name: Hashable | None = None
   precision: str | None = None
+  implementation: Literal["xla", "pallas"] | None = None
 
   def __post_init__(self) -> None:
     super().__post_init__()
@@ -337,6 +369,8 @@ class LinearBinaryCrossentropy(Config):
     object.__setattr__(self, "block_size", check_block_size(self.block_size))
     object.__setattr__(self, "axis_name", check_axis_name(self.axis_name))
     object.__setattr__(self, "precision", check_precision(self.precision))
+    impl = backend.check_implementation(self.implementation)
+    object.__setattr__(self, "implementation", impl)
 
   def __call__(
     self,
@@ -357,4 +391,5 @@ class LinearBinaryCrossentropy(Config):
       block_size=self.block_size,
       axis_name=self.axis_name,
       precision=self.precision,
+      implementation=self.implementation,
     )

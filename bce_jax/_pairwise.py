@@ -15,7 +15,7 @@ that SPMD program, so ``jax.grad`` of the mapped loss is the global one.
 On a CUDA GPU each sweep is instead two fused Pallas kernels
 (:mod:`bce_jax._tiles.pallas_triton`) that keep every tile on chip; the
 choice, and each backend's tile size, is made at lowering time in
-:mod:`bce_jax._pairwise_backend`.
+:mod:`bce_jax._tiles.backend`.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from jax.typing import ArrayLike
 
 from bce_jax import _checked, _shard
 from bce_jax import _pairwise_args as _args
-from bce_jax import _pairwise_backend as _backend
 from bce_jax._config import Config
+from bce_jax._tiles import backend as _backend
 from bce_jax._tiles import tile
 
 # The XLA tiles' default size off a GPU (512 x 512, 1 MiB of float32 logits:
-# their matmuls run at the BLAS rate on CPU); see _pairwise_backend for the GPU
+# their matmuls run at the BLAS rate on CPU); see _tiles.backend for the GPU
 # and benchmarks/pairwise.py for the two schedules.
 _BLOCK = _backend._BLOCK["default"]
 _MODE = "fused"

@@ -46,7 +46,7 @@ def _data(rows, labels, dim, k=3, seed=0, bias=True, dtype=np.float32):
 
 
 @functools.cache
-def _vag(block=None, reduction="sum", precision=None):
+def _vag(block=None, reduction="sum", precision=None, implementation=None):
   def loss(h, w, b, pos, mask):
     return bce_jax.linear_binary_crossentropy(
       h,
@@ -57,6 +57,7 @@ def _vag(block=None, reduction="sum", precision=None):
       label_reduction=reduction,
       block_size=block,
       precision=precision,
+      implementation=implementation,
     )
 
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
@@ -169,7 +170,14 @@ class AgainstReferenceTest(parameterized.TestCase):
     self.assertLess(_rel(jax.jit(loss)(h, w, pos, b), want), VALUE_RTOL)
     config = loss.get_config()
     self.assertEqual(
-      config, {"label_reduction": "mean", "block_size": 8, "axis_name": None, "precision": None}
+      config,
+      {
+        "label_reduction": "mean",
+        "block_size": 8,
+        "axis_name": None,
+        "precision": None,
+        "implementation": None,
+      },
     )
     self.assertEqual(bce_jax.LinearBinaryCrossentropy.from_config(config), loss)
     self.assertEmpty(jax.tree_util.tree_leaves(loss))
@@ -285,7 +293,9 @@ class MemoryTest(absltest.TestCase):
 
 
 class DefaultBlockTest(absltest.TestCase):
-  """The default tile width is chosen per platform when the program is lowered."""
+  """The default tile width of the XLA tiles is chosen per platform when the
+  program is lowered (on CUDA, ``implementation="xla"``: the default there
+  is the kernels, tests/test_tiles_pallas_linear.py)."""
 
   def _text(self, platform):
     rows, labels, dim = 1024, 100_000, 8
@@ -296,7 +306,8 @@ class DefaultBlockTest(absltest.TestCase):
       jnp.zeros((rows, 2), jnp.int32),
       None,
     )
-    return _vag(None).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    run = _vag(None, implementation="xla")
+    return run.trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
   def test_cpu_and_cuda_tiles(self):
     self.assertEqual(xla.default_block("cpu", 1024), 2048)

@@ -19,6 +19,11 @@ Design:
   ``atomic_add`` into ``dL/db``, moves a ``[block, D]`` float32 slab through
   L2 for every tile: at ``D = 512`` that traffic exceeds the matmuls' time,
   while recomputing the logits costs one matmul in four.
+* **Column chunks.** A small batch against many columns (B = 1024 rows
+  against millions of labels) has few row blocks: the row kernel's grid is
+  row blocks x column chunks (:mod:`.pallas_triton_config`), each chunk
+  writing float32 partial row sums that are added here, at most 64 MiB of
+  them. One chunk (a big batch) gives the sums of one walk.
 * **Masks, not branches.** Excluded rows and columns (``row_mask``,
   ``col_mask``) and padding enter every tile as a select, so they are
   neither anchors nor negatives; their rows of ``a`` and ``b`` are zeroed
@@ -35,7 +40,11 @@ Design:
   WGMMA operands; the Triton lowering takes the tile code as written.
 
 Everything is padded here: rows to the blocks, ``D`` to a power of two.
-Costs O((B + C) D) memory beyond the inputs.
+Costs O((B + C) D) memory beyond the inputs. With ``unpadded_columns``
+(the linear BCE: ``b`` is the label matrix, too big to copy) ``b`` is not
+padded: the kernels walk its whole column blocks, the last ``C %
+block_cols`` columns are one small XLA tile, and ``g^T a`` is written in
+place.
 """
 
 from __future__ import annotations
@@ -86,19 +95,19 @@ def _same_axes(args: list[jax.Array]) -> list[jax.Array]:
   return [_shard.varying(a, axes) for a in args]
 
 
-def _out_type(shape: tuple[int, ...], like: jax.Array) -> jax.ShapeDtypeStruct:
-  """A float32 output of `shape`, varying over the ``shard_map`` axes `like`
+def _out_type(shape: tuple[int, ...], like: jax.Array, dtype: Any = jnp.float32) -> Any:
+  """An output of `shape` and `dtype` (float32 by default), varying over the ``shard_map`` axes `like`
   varies over (the keyword is ``manual_axis_type`` from jax 0.10, ``vma``
   before)."""
   aval = jax.typeof(like) if hasattr(jax, "typeof") else None
   kind = getattr(aval, "manual_axis_type", None)
   if kind is not None and kind.varying:
-    return jax.ShapeDtypeStruct(shape, jnp.float32, manual_axis_type=kind)
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=kind)
   vma = getattr(aval, "vma", None)
   if kind is None and vma:
     old: Any = jax.ShapeDtypeStruct  # jax < 0.10 calls the keyword `vma`
-    return old(shape, jnp.float32, vma=vma)
-  return jax.ShapeDtypeStruct(shape, jnp.float32)
+    return old(shape, dtype, vma=vma)
+  return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def _mma_dtype(dtype: Any, precision: Any) -> np.dtype:
@@ -128,10 +137,21 @@ def parts(
   value: bool = True,
   grads: bool = True,
   precision: Any = None,
+  db_scale: jax.Array | None = None,
+  db_dtype: Any = jnp.float32,
+  unpadded_columns: bool = False,
   config: Config | None = None,
   interpret: bool | None = None,
 ) -> dict[str, jax.Array]:
   """The sweep's raw sums, before the scale is applied (see :func:`sweep`).
+
+  `db_scale` (a scalar, or None for 1) multiplies ``gt_a`` in the kernel,
+  which writes it in `db_dtype`: a caller that needs ``c g^T a`` in the
+  columns' dtype (the linear loss's ``dW``) then holds no float32 copy.
+  `unpadded_columns`: no padded copy of `b` where its rows are no multiple
+  of the column block (when ``D`` is a power of two >= 16, `b` already in
+  the common dtype and no `col_mask`): the last partial block is an XLA
+  tile.
 
   Returns:
     A dict of float32 arrays: with `value`, ``loss`` ``[B]`` (row sums of
@@ -162,9 +182,17 @@ def parts(
     return jnp.pad(x, ((0, n - x.shape[0]), (0, dim_p - dim))), _pad(ok, n)
 
   a_p, row_ok = prepare(a, row_mask, rows_p)
-  b_p, col_ok = prepare(b, col_mask, cols_p)
+  split = unpadded_columns and col_mask is None and dim == dim_p and b.dtype == dtype
+  split = split and cols > bn and cols % bn != 0
+  swept = cols - cols % bn if split else cols_p  # the columns the kernels walk
+  if split:  # b as it is; the last cols - swept columns are an XLA tile
+    b_p, col_ok = b, _pad(jnp.ones(cols, jnp.int32), cols_p)
+  else:
+    b_p, col_ok = prepare(b, col_mask, cols_p)
   bias_p = _pad(jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (cols,)), cols_p)
-  args = [jnp.asarray(scale, jnp.float32).reshape(1), a_p, b_p, bias_p, row_ok, col_ok]
+  factor = jnp.ones((), jnp.float32) if db_scale is None else jnp.asarray(db_scale, jnp.float32)
+  scales = jnp.stack([jnp.asarray(scale, jnp.float32).reshape(()), factor.reshape(())])
+  args = [scales, a_p, b_p, bias_p, row_ok, col_ok]
   if rule == "ids":
     if row_ids is None or col_ids is None:
       raise ValueError("the 'ids' rule needs `row_ids` and `col_ids`.")
@@ -181,48 +209,121 @@ def parts(
 
   args = _same_axes(args)
   mma = _mma_dtype(dtype, precision)
-  spec = _kernel.Spec(rule, rows_p, cols_p, bm, bn, value, grads, precision, mma)
+  chunks = min(cfg.col_chunks, swept // bn)
+  db_dtype = np.dtype(db_dtype)
+  spec = _kernel.Spec(
+    rule,
+    rows_p,
+    swept,
+    bm,
+    bn,
+    value,
+    grads,
+    precision,
+    mma,
+    chunks,
+    db_scale is not None,
+    db_dtype,
+  )
   params = _pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
   interpret = _INTERPRET if interpret is None else interpret
   call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
 
+  # Index maps take the grid's indices: (row block, chunk) in the row
+  # kernel, (column block,) in the column kernel; blocks follow the first.
   def whole(x):
-    return pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim)
+    return pl.BlockSpec(x.shape, lambda i, *_: (0,) * x.ndim)
 
   def block(x, size, axis=0):
     shape = list(x.shape)
     shape[axis] = size
-    return pl.BlockSpec(tuple(shape), lambda i: tuple(i if d == axis else 0 for d in range(x.ndim)))
+    index = lambda i, *_: tuple(i if d == axis else 0 for d in range(x.ndim))
+    return pl.BlockSpec(tuple(shape), index)
 
   def spec_of(i, x, blocked, size):
     if i not in blocked:
       return whole(x)
     return block(x, size, axis=1 if rule == "ids" and i >= 6 else 0)  # ids are [P, N]
 
+  def partial_sum(o):  # one chunk's [bm] or [bm, Dp] part of a [chunks, ...] output
+    shape = (None, bm) + tuple(o.shape[2:])
+    return pl.BlockSpec(shape, lambda i, c: (c, i) + (0,) * (o.ndim - 2))
+
   row_blocked = {1, 4} | ({6} if rule in ("ids", "lists") else set())  # a, row_ok, row_ids/lists
   col_blocked = {2, 3, 5} | ({7} if rule == "ids" else set())  # b, bias, col_ok, col_ids
   shapes = {"loss": (rows_p,), "g_rows": (rows_p,), "gdot_rows": (rows_p,), "g_b": (rows_p, dim_p)}
   names = (["loss"] if value else []) + (["g_rows", "gdot_rows", "g_b"] if grads else [])
-  row_outs = [_out_type(shapes[n], args[1]) for n in names]
+  row_outs = [_out_type((chunks, *shapes[n]), args[1]) for n in names]
   found = call(
     functools.partial(_kernel.rows_kernel, spec=spec),
     out_shape=row_outs,
-    grid=(rows_p // bm,),
+    grid=(rows_p // bm, chunks),
     in_specs=[spec_of(i, x, row_blocked, bm) for i, x in enumerate(args)],
-    out_specs=[block(o, bm) for o in row_outs],
+    out_specs=[partial_sum(o) for o in row_outs],
   )(*args)
+  found = [v[0] if chunks == 1 else jnp.sum(v, axis=0) for v in found]
+  tail = _tail(spec, args, swept, cols) if split else None
+  if tail is not None:
+    found = [v + tail[n] for n, v in zip(names, found)]
   out = {n: v[:rows, :dim] if v.ndim == 2 else v[:rows] for n, v in zip(names, found)}
   if not grads:
     return out
-  col_outs = [_out_type((cols_p,), args[1]), _out_type((cols_p, dim_p), args[1])]
+  col_outs = [
+    _out_type((cols_p,), args[1]),
+    _out_type((cols if split else cols_p, dim_p), args[1], db_dtype),
+  ]
   g_cols, gt_a = call(
     functools.partial(_kernel.cols_kernel, spec=spec),
     out_shape=col_outs,
-    grid=(cols_p // bn,),
+    grid=(swept // bn,),
     in_specs=[spec_of(i, x, col_blocked, bn) for i, x in enumerate(args)],
     out_specs=[block(o, bn) for o in col_outs],
   )(*args)
+  if tail is not None:  # in place: the kernel left these rows unwritten
+    g_cols = jax.lax.dynamic_update_slice_in_dim(g_cols, tail["g_cols"], swept, 0)
+    gt_a = jax.lax.dynamic_update_slice_in_dim(gt_a, tail["gt_a"], swept, 0)
   return {**out, "g_cols": g_cols[:cols], "gt_a": gt_a[:cols, :dim]}
+
+
+def _tail(spec: _kernel.Spec, args: list[jax.Array], start: int, cols: int) -> dict[str, Any]:
+  """Columns ``start : cols`` of the kernels' arguments (fewer than a block)
+  as one XLA tile, with the kernels' arithmetic: the row sums to add to the
+  row kernel's and, with grads, the rows of ``g_cols`` and ``gt_a``."""
+  scales, a, b, bias, row_ok = args[:5]
+  b_t = b[start:cols]
+
+  def dot(x, y, contract):
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return jax.lax.dot_general(
+      x, y, dims, precision=spec.precision, preferred_element_type=jnp.float32
+    )
+
+  dots = dot(a, b_t, (1, 1))
+  logits = scales[0] * dots + bias[start:cols][None, :]
+  shape = dots.shape
+  if spec.rule == "ids":  # [P, N] ids: every part equal
+    pos = jnp.ones(shape, jnp.bool_)
+    for row_part, col_part in zip(args[6], args[7][:, start:cols]):
+      pos = pos & tile.positive("ids", shape, row_ids=row_part, col_ids=col_part)
+  else:
+    lists = args[6] if spec.rule == "lists" else None
+    pos = tile.positive(spec.rule, shape, col_start=start, lists=lists)
+  ok = jnp.broadcast_to(row_ok[:, None] != 0, shape)
+  out: dict[str, Any] = {"loss": jnp.sum(jnp.where(ok, tile.losses(logits, pos), 0.0), axis=1)}
+  if spec.grads:
+    g = jnp.where(ok, tile.dlogits(logits, pos), 0.0)
+    mma = spec.mma_dtype
+    gt_a = dot(g.astype(mma), a.astype(mma), (0, 0))
+    if spec.db_scaled:
+      gt_a = gt_a * scales[1]
+    out.update(
+      g_rows=jnp.sum(g, axis=1),
+      gdot_rows=jnp.sum(g * dots, axis=1),
+      g_b=dot(g.astype(mma), b_t.astype(mma), (1, 0)),
+      g_cols=jnp.sum(g, axis=0),
+      gt_a=gt_a.astype(spec.db_dtype),
+    )
+  return out
 
 
 def sweep(

@@ -1,11 +1,15 @@
 """The two Pallas-Triton kernels of the tile sweep, without their wrapper.
 
 ``rows_kernel`` runs one program per ``[block_rows]`` block of ``a`` and
-walks over every column block: per-row sums of the losses, of ``g`` and of
-``g <a_i, b_j>`` (for ``dL/dscale``), and ``g b`` for its rows.
+chunk of column blocks (a grid of row blocks x ``col_chunks``) and walks
+over the chunk's column blocks: per-row sums of the losses, of ``g`` and of
+``g <a_i, b_j>`` (for ``dL/dscale``), and ``g b`` for its rows, one partial
+sum a chunk (the wrapper adds them). Chunks give a small batch against a
+huge label set enough programs to fill the GPU.
 ``cols_kernel`` runs one program per ``[block_cols]`` block of ``b`` and
 walks over every row block, recomputing the logits: per-column sums of
-``g`` (``dL/dbias``) and ``g^T a``. The wrapper applies the scale
+``g`` (``dL/dbias``) and ``g^T a`` (times ``scale[1]`` where
+``db_scaled``, in ``db_dtype``). The wrapper applies the scale
 (``dL/da = s g b``). Each program owns the rows it
 writes, so no atomics and no tile reaches HBM; the price is the logits'
 matmul twice (four matmuls a tile pair instead of three), as in
@@ -13,7 +17,7 @@ FlashAttention-2's backward pass.
 
 Refs, in order (``*`` marks the block a program owns; the others are whole
 arrays indexed with ``pl.ds``):
-``scale [1]``, ``a [Bp, Dp]``, ``b [Cp, Dp]``, ``bias [Cp]``,
+``scale [2]`` (``s`` and the factor of ``g^T a``), ``a [Bp, Dp]``, ``b [Cp, Dp]``, ``bias [Cp]``,
 ``row_ok [Bp]``, ``col_ok [Cp]`` (int32, 0 excludes), then
 ``row_ids [P, Bp]``, ``col_ids [P, Cp]`` for the ``"ids"`` rule (``P``
 parts, e.g. the two halves of 64-bit ids; a pair is positive where all
@@ -48,6 +52,9 @@ class Spec:
   grads: bool  # the row kernel computes dL/da and the g <a, b> sums
   precision: Any  # of the logits' and the gradients' dots
   mma_dtype: Any  # g is cast to it for the gradients' dots
+  col_chunks: int = 1  # the row kernel's second grid axis
+  db_scaled: bool = False  # g^T a is multiplied by scale[1] before it is written
+  db_dtype: Any = jnp.float32  # the dtype g^T a is written in
 
 
 def _unpack(spec: Spec, refs):
@@ -112,18 +119,27 @@ def _dot(x, y, contract: tuple[int, int], precision):
 
 
 def rows_kernel(*refs, spec: Spec) -> None:
-  """Loss sums, ``g <a, b>`` sums and ``dL/da`` for one block of rows."""
+  """Loss sums, ``g <a, b>`` sums and ``dL/da`` for one block of rows and
+  one chunk of column blocks."""
   (scale_ref, a_ref, b_ref, bias_ref, row_ok_ref, col_ok_ref, rid_ref, cid_ref, lists_ref), outs = (
     _unpack(spec, refs)
   )
   bm, bn = spec.block_rows, spec.block_cols
   row_start = pl.program_id(0) * bm
+  n_blocks = spec.cols // bn
+  per_chunk = -(-n_blocks // spec.col_chunks)
+  first = pl.program_id(1) * per_chunk
+  ragged = per_chunk * spec.col_chunks != n_blocks  # the last chunk has fewer blocks
   s = scale_ref[0]
   a = a_ref[...]
   row_ok = row_ok_ref[...]
   row_ids = _parts(rid_ref, slice(None))
 
-  def step(j, carry):
+  def step(t, carry):
+    j = first + t
+    if ragged:  # past the last block: load the last one again, count nothing
+      live = j < n_blocks
+      j = jnp.minimum(j, n_blocks - 1)
     col_start = j * bn
     cols = pl.ds(col_start, bn)
     b = b_ref[cols, :]
@@ -141,6 +157,8 @@ def rows_kernel(*refs, spec: Spec) -> None:
       (row_ids, col_ids),
       None if lists_ref is None else _Lists(lists_ref, 0, bm),
     )
+    if ragged:
+      ok = ok & live
     loss, grow, gdot, gb = carry
     if spec.value:
       loss = loss + jnp.sum(jnp.where(ok, tile.losses(logits, pos), 0.0), axis=1)
@@ -153,7 +171,7 @@ def rows_kernel(*refs, spec: Spec) -> None:
 
   zeros_rows = jnp.zeros((bm,), jnp.float32)
   init = (zeros_rows, zeros_rows, zeros_rows, jnp.zeros(a.shape, jnp.float32))
-  loss, grow, gdot, gb = jax.lax.fori_loop(0, spec.cols // bn, step, init)
+  loss, grow, gdot, gb = jax.lax.fori_loop(0, per_chunk, step, init)
   if spec.value:
     outs[0][...] = loss
     outs = outs[1:]
@@ -204,4 +222,6 @@ def cols_kernel(*refs, spec: Spec) -> None:
   init = (jnp.zeros((bn,), jnp.float32), jnp.zeros(b.shape, jnp.float32))
   gsum, db = jax.lax.fori_loop(0, spec.rows // bm, step, init)
   outs[0][...] = gsum
-  outs[1][...] = db
+  if spec.db_scaled:
+    db = db * scale_ref[1]
+  outs[1][...] = db.astype(spec.db_dtype)

@@ -1,6 +1,7 @@
-"""Where the pairwise loss runs: the Pallas kernels on a CUDA GPU, XLA tiles
+"""Where the tile sweeps run: the Pallas kernels on a CUDA GPU, XLA tiles
 elsewhere, and each backend's tile size. One place for every per-backend
-choice of :mod:`bce_jax._pairwise`, made when the program is lowered.
+choice of the pairwise loss (:mod:`bce_jax._pairwise`) and the linear BCE
+(:mod:`bce_jax._linear`), made when the program is lowered.
 
 * ``implementation=None``: :func:`jax.lax.platform_dependent` picks, per
   lowering platform, the fused Pallas-Triton kernels on ``cuda`` (float16,
@@ -8,7 +9,10 @@ choice of :mod:`bce_jax._pairwise`, made when the program is lowered.
   branches are traced; only the chosen one is lowered.
 * ``"xla"``: the XLA tiles on every backend, ``"pallas"``: the kernels,
   refused with a clear error where they cannot run.
-* The XLA tiles' default size follows the backend: 512 on CPU (their
+* Both losses run the same kernels (:mod:`.pallas_triton`): the pairwise
+  loss with the ``"diagonal"``/``"ids"`` rules, the linear BCE with the
+  ``"lists"`` rule, a per-label bias and unit scale.
+* The pairwise XLA tiles' default size follows the backend: 512 on CPU (their
   matmuls run at the BLAS rate, benchmarks/pairwise.py), 8192 on a CUDA GPU
   (measured on an H200, value_and_grad at D = 512: B = 65,536 takes 65 ms
   with 8192 tiles against 538 ms with 512 ones, for ~1 GiB of
@@ -17,13 +21,14 @@ choice of :mod:`bce_jax._pairwise`, made when the program is lowered.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bce_jax._tiles import pallas_triton
+from bce_jax._tiles import pallas_triton, xla
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
 _JAX = tuple(int(p) for p in jax.__version__.split(".")[:2])
@@ -142,4 +147,63 @@ def kernel_sweep(row, col, s, b, *, value: bool, grads: bool, precision: Any):
   found = {"loss": out["loss"]} if value else {}
   if grads:
     found.update(g=out["g_rows"], dx=out["g_b"], dy=out["gt_a"])
+  return found
+
+
+def linear_by_platform(run_xla, run_kernel, rows: int, block: int | None, kernel: str, *operands):
+  """The linear BCE's sweep where the program is lowered.
+
+  `kernel`: ``"always"`` (``implementation="pallas"``), ``"cuda"`` (the
+  kernels on CUDA, XLA tiles elsewhere) or ``"never"``. The XLA tiles are
+  ``run_xla(block, *operands)`` with `block`, else each platform's default
+  (:func:`.xla.default_block`); the kernels ``run_kernel(*operands)``.
+  """
+  if kernel == "always":
+    return run_kernel(*operands)
+  if kernel == "never":
+    if block is not None:
+      return run_xla(block, *operands)
+    return xla.at_default_block(run_xla, rows, *operands)
+  width = lambda p: xla.default_block(p, rows) if block is None else block
+  branches = {p: functools.partial(run_xla, width(p)) for p in ("cpu", "rocm")}
+  return jax.lax.platform_dependent(
+    *operands,
+    cuda=run_kernel,
+    default=functools.partial(run_xla, width("default")),
+    **branches,
+  )
+
+
+def kernel_linear_sweep(h, w, bias, lists, mask, unit, offset, *, grads: bool, precision: Any):
+  """The kernels' version of the linear BCE's XLA sweep: logits ``h w^T +
+  bias`` over this device's label shard (global ids ``offset + [0, C)``),
+  positives from `lists`. Returns what :func:`.xla.sweep` returns for row
+  weights ``unit`` on the included rows: ``loss`` ``[B]`` (unweighted row
+  sums), and with `grads` ``da`` ``[B, D]`` (float32), ``db`` ``[C, D]``
+  (`w`'s dtype, written by the kernel with ``unit`` applied) and
+  ``dbias`` (``[C]``, absent without `bias`)."""
+  labels = w.shape[0]
+  here = (lists >= offset) & (lists < offset + labels)
+  local = jnp.where(here, lists - offset, -1)  # another shard's ids match nothing here
+  out = pallas_triton.parts(
+    h,
+    w,
+    jnp.ones((), jnp.float32),
+    jnp.zeros((), jnp.float32) if bias is None else bias,
+    rule="lists",
+    lists=local,
+    row_mask=mask,
+    value=True,
+    grads=grads,
+    precision=precision,
+    db_scale=unit if grads else None,
+    db_dtype=w.dtype,
+    unpadded_columns=True,
+  )
+  found = {"loss": out["loss"]}
+  if grads:
+    unit = unit.astype(jnp.float32)
+    found.update(da=unit * out["g_b"], db=out["gt_a"])
+    if bias is not None:
+      found["dbias"] = unit * out["g_cols"]
   return found
