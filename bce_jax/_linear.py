@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from collections.abc import Hashable
 from typing import Any, Literal
 
@@ -32,7 +31,7 @@ from jax.typing import ArrayLike
 
 from bce_jax import _checked, _validate
 from bce_jax._config import Config
-from bce_jax._tiles import backend, xla
+from bce_jax._tiles import backend, checks, xla
 
 LABEL_REDUCTIONS = ("sum", "mean")
 
@@ -105,53 +104,11 @@ def _weighted_sum_bwd(plan, res, ct):
 _weighted_sum.defvjp(_weighted_sum_fwd, _weighted_sum_bwd)
 
 
-def check_block_size(block_size: Any) -> int | None:
-  if block_size is None:
-    return None
-  if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, numbers.Integral):
-    raise TypeError(
-      f"`block_size` must be an int >= 1 (labels per tile) or None; got {block_size!r}."
-    )
-  if block_size < 1:
-    raise ValueError(f"`block_size` must be >= 1 (labels per tile) or None; got {block_size!r}.")
-  return int(block_size)
-
-
-def check_axis_name(axis_name: Any) -> Hashable | None:
-  name = tuple(axis_name) if isinstance(axis_name, list) else axis_name  # list: from JSON
-  names = name if isinstance(name, tuple) else (name,)
-  if name is not None and not all(isinstance(a, str) for a in names):
-    msg = f"a mesh axis name (str), a tuple of them, or None; got {axis_name!r}."
-    raise TypeError(f"`axis_name` must be {msg}")
-  return name
-
-
-def check_precision(precision: Any) -> str | None:
-  """None, or the name of a ``jax.lax.Precision`` (from a name or the enum)."""
-  if precision is None:
-    return None
-  try:
-    return jax.lax.Precision(precision).name.lower()
-  except (ValueError, TypeError, KeyError):
-    msg = "None, a jax.lax.Precision or its name ('default', 'high', 'highest')"
-    raise ValueError(f"`precision` must be {msg}; got {precision!r}.") from None
-
-
 def _check_label_reduction(label_reduction: Any) -> str:
   if label_reduction not in LABEL_REDUCTIONS:
     msg = "'sum' (the row's loss summed over its labels) or 'mean' (averaged)"
     raise ValueError(f"`label_reduction` must be {msg}; got {label_reduction!r}.")
   return str(label_reduction)
-
-
-def axis_size(axis_name: Hashable | None) -> int:
-  if axis_name is None:
-    return 1
-  try:
-    return int(jax.lax.axis_size(axis_name))
-  except NameError:
-    msg = "call it inside jax.shard_map over a mesh with that axis, or pass axis_name=None."
-    raise ValueError(f"`axis_name` {axis_name!r} is not bound here: {msg}") from None
 
 
 def check_features(h: Any, w: Any, bias: Any) -> tuple[jax.Array, jax.Array, jax.Array | None]:
@@ -283,10 +240,10 @@ def linear_binary_crossentropy(
   h, w, bias = check_features(h, w, bias)
   lists, mask = _check_rows(h, positives, mask)
   label_reduction = _check_label_reduction(label_reduction)
-  block_size, axis_name = check_block_size(block_size), check_axis_name(axis_name)
-  precision = check_precision(precision)
+  block_size = checks.check_block_size(block_size, "labels")
+  axis_name, precision = checks.check_axis_name(axis_name), checks.check_precision(precision)
   implementation = backend.check_implementation(implementation)
-  devices = axis_size(axis_name)
+  devices = checks.axis_size(axis_name, "label space")
   rows, local_labels = h.shape[0], w.shape[0]
   labels = local_labels * devices
   acc = jnp.promote_types(jnp.promote_types(h.dtype, w.dtype), jnp.float32)
@@ -366,9 +323,9 @@ class LinearBinaryCrossentropy(Config):
   def __post_init__(self) -> None:
     super().__post_init__()
     object.__setattr__(self, "label_reduction", _check_label_reduction(self.label_reduction))
-    object.__setattr__(self, "block_size", check_block_size(self.block_size))
-    object.__setattr__(self, "axis_name", check_axis_name(self.axis_name))
-    object.__setattr__(self, "precision", check_precision(self.precision))
+    object.__setattr__(self, "block_size", checks.check_block_size(self.block_size, "labels"))
+    object.__setattr__(self, "axis_name", checks.check_axis_name(self.axis_name))
+    object.__setattr__(self, "precision", checks.check_precision(self.precision))
     impl = backend.check_implementation(self.implementation)
     object.__setattr__(self, "implementation", impl)
 

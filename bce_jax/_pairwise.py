@@ -34,7 +34,7 @@ from bce_jax import _checked, _shard
 from bce_jax import _pairwise_args as _args
 from bce_jax._config import Config
 from bce_jax._tiles import backend as _backend
-from bce_jax._tiles import tile
+from bce_jax._tiles import checks, tile
 
 # The XLA tiles' default size off a GPU (512 x 512, 1 MiB of float32 logits:
 # their matmuls run at the BLAS rate on CPU); see _tiles.backend for the GPU
@@ -346,11 +346,11 @@ def pairwise_sigmoid_loss(
   """
   args = _args.check_inputs(x, y, scale, bias, positives, mask)
   x, y, mask = args.x, args.y, args.mask
-  block_size = _args.check_block_size(block_size)
-  axis_name = _args.check_axis_name(axis_name)
-  precision = _backend.check_precision(precision)
+  block_size = checks.check_block_size(block_size, "rows")
+  axis_name = checks.check_axis_name(axis_name)
+  precision = checks.check_precision(precision)
   implementation = _backend.check_implementation(implementation)
-  devices, rows = _args.axis_size(axis_name), x.shape[0]
+  devices, rows = checks.axis_size(axis_name, "batch"), x.shape[0]
   dtype = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
   rows_ok = None if mask is None else mask[:, None]  # padding may hold anything
   _checked.check_finite("x", x, "finite embeddings", rows_ok)
@@ -436,9 +436,9 @@ class PairwiseSigmoidLoss(Config):
 
   def __post_init__(self) -> None:
     super().__post_init__()
-    object.__setattr__(self, "block_size", _args.check_block_size(self.block_size))
-    object.__setattr__(self, "axis_name", _args.check_axis_name(self.axis_name))
-    object.__setattr__(self, "precision", _backend.check_precision(self.precision))
+    object.__setattr__(self, "block_size", checks.check_block_size(self.block_size, "rows"))
+    object.__setattr__(self, "axis_name", checks.check_axis_name(self.axis_name))
+    object.__setattr__(self, "precision", checks.check_precision(self.precision))
     impl = _backend.check_implementation(self.implementation)
     object.__setattr__(self, "implementation", impl)
 

@@ -6,8 +6,6 @@ of `x`, `y`, `scale` and `bias` are checked under :func:`bce_jax.checked`.
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Hashable
 from typing import Any, NamedTuple
 
 import jax
@@ -26,46 +24,6 @@ class Args(NamedTuple):
   bias: jax.Array
   ids: jax.Array | None  # [B, K] integer: a pair is positive where all K parts are equal
   mask: jax.Array | None  # [B] bool: False for a row that is neither anchor nor negative
-
-
-def check_block_size(block_size: Any) -> int | None:
-  if block_size is None:
-    return None
-  if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, numbers.Integral):
-    raise TypeError(f"`block_size` must be an int >= 1 or None; got {block_size!r}.")
-  if block_size < 1:
-    raise ValueError(f"`block_size` must be >= 1 (rows per tile) or None; got {block_size!r}.")
-  return int(block_size)
-
-
-def check_axis_name(axis_name: Any) -> Hashable | None:
-  name = tuple(axis_name) if isinstance(axis_name, list) else axis_name  # list: from JSON
-  names = name if isinstance(name, tuple) else (name,)
-  if name is not None and not all(isinstance(a, str) for a in names):
-    msg = f"a mesh axis name (str), a tuple of them, or None; got {axis_name!r}."
-    raise TypeError(f"`axis_name` must be {msg}")
-  return name
-
-
-def axis_size(axis_name: Hashable | None) -> int:
-  """The number of devices on the ring; a ValueError unless ``shard_map`` binds it."""
-  if axis_name is None:
-    return 1
-  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  try:
-    size = int(jax.lax.axis_size(axis_name))
-  except NameError:
-    msg = "call it inside jax.shard_map over a mesh with that axis, or pass axis_name=None."
-    raise ValueError(f"`axis_name` {axis_name!r} is not bound here: {msg}") from None
-  manual = set(jax.sharding.get_abstract_mesh().manual_axes)
-  others = [a for a in names if a not in manual]
-  if others:  # bound by vmap: no devices to send shards to
-    raise ValueError(
-      f"`axis_name` {axis_name!r} must name mesh axes of an enclosing jax.shard_map, over "
-      f"which the batch is sharded; {others[0]!r} is bound by another transformation "
-      f"(jax.vmap?). For a vmapped batch of losses pass axis_name=None."
-    )
-  return size
 
 
 def _halves(host: np.ndarray) -> np.ndarray | None:

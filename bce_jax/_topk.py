@@ -31,7 +31,7 @@ from jax.typing import ArrayLike
 from bce_jax import _linear, _validate
 from bce_jax._config import Config
 from bce_jax._metric import _add, _split
-from bce_jax._tiles import xla
+from bce_jax._tiles import checks, xla
 
 _STATE_DTYPE = jnp.float32
 
@@ -79,9 +79,9 @@ def top_k_labels(
     [[0, 1], [1, 0]] [[2.0, 0.0], [2.0, 0.0]]
   """
   h, w, bias = _linear.check_features(h, w, bias)
-  block_size = _linear.check_block_size(block_size)
-  axis_name = _linear.check_axis_name(axis_name)
-  devices = _linear.axis_size(axis_name)
+  block_size = checks.check_block_size(block_size, "labels")
+  axis_name = checks.check_axis_name(axis_name)
+  devices = checks.axis_size(axis_name, "label space")
   labels = w.shape[0] * devices
   if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
     raise TypeError(f"`k` must be an int (labels per row); got {k!r}.")

@@ -44,19 +44,6 @@ def check_implementation(implementation: Any) -> Any:
   return implementation
 
 
-def check_precision(precision: Any) -> str | None:
-  """`precision` by its name (``"default"``, ``"high"``, ``"highest"``), or None."""
-  if precision is None:
-    return None
-  try:
-    return jax.lax.Precision(precision).name.lower()
-  except (ValueError, TypeError, KeyError):
-    raise ValueError(
-      f"`precision` must be None, a jax.lax.Precision or one of its names ('default', 'high', "
-      f"'highest', as jnp.dot takes); got {precision!r}."
-    ) from None
-
-
 def lax_precision(name: str | None) -> jax.lax.Precision | None:
   return None if name is None else jax.lax.Precision(name)
 
