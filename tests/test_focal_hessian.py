@@ -215,7 +215,7 @@ def _assert_close(got, want, scale, rtol, what):
 class RoutesTest(parameterized.TestCase):
   """Every route, both argument orders: finite everywhere, right at moderate logits."""
 
-  @parameterized.product(gamma=GAMMAS, config=("plain", "all"))
+  @parameterized.parameters(*((g, "plain") for g in GAMMAS), (0.5, "all"), (5.0, "all"))
   def test_every_route(self, gamma, config):
     self._check(gamma, config, True)
 
