@@ -18,8 +18,12 @@ balancing, else 1. `pos_weight` multiplies the BCE's positive term only.
 
 The JVPs are closed forms in bounded quantities (``q = s (1 - s) / P`` in
 [0, 1]; ``BCE / (t + u (1 - t))`` for the labels), built from helpers with
-their own JVPs so that the Hessian is finite too. ``gamma = 0`` is the BCE,
-value and gradient, operation for operation.
+their own JVPs (bce_jax._focal_parts) so that the Hessian is finite too, by
+any route and in either argument order. Only the label derivatives can pass
+the float range at a finite logit (``d/dy ~ (gamma + 1) |x|`` near
+``|x| = 3e38``; ``d2/dy2 ~ |x| P**(gamma - 1)`` at hard labels for
+``gamma < 1``): they saturate at the largest float. ``gamma = 0`` is the
+BCE, value and gradient, operation for operation.
 
 References:
   T.-Y. Lin, P. Goyal, R. Girshick, K. He and P. Dollar, "Focal Loss for Dense
@@ -30,55 +34,26 @@ References:
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
 from bce_jax import _config, _logsig, _reduce
+from bce_jax._focal_parts import (
+  _factor,
+  _label_slope,
+  _live,
+  _magnitude,
+  _parts,
+  _power,
+  _q_scale_bound,
+  _ratio_times,
+  _saturate,
+  _sum_terms,
+)
 
-_MAX_CHAIN = 64  # largest gamma computed as a multiply chain
 ELEMENTWISE = "binary_focal_crossentropy_elementwise"  # named in errors about `axis`
-
-
-def _one_minus_t(a: jax.Array) -> jax.Array:
-  """``1 - exp(-a)`` without cancellation near ``a = 0`` (``(1 - t) / (1 + t) = tanh(a / 2)``)."""
-  return -jnp.expm1(-a)
-
-
-def _q_scale_bound(dtype) -> float:
-  """A magnitude beyond which ``exp(-a)``, and so ``q``, is exactly 0 in `dtype`.
-
-  ``q * |x|`` is bounded, but in reverse mode the cotangent of `q` is
-  ``gamma |x|``, which overflows at huge logits and turns the ``0``
-  derivative of `q` into ``inf * 0 = nan``. Clamping ``|x|`` here changes
-  no value and no derivative: past the bound ``q`` and its derivative are 0.
-  """
-  return math.ceil(-math.log(float(jnp.finfo(dtype).smallest_subnormal))) + 2.0
-
-
-def _live(tangent) -> bool:
-  return tangent is not None and not isinstance(tangent, SymbolicZero)
-
-
-def _power(base: jax.Array, gamma: float) -> jax.Array:
-  """``base**gamma`` for ``base >= 0`` and ``gamma > 0``; 0 at 0."""
-  whole = math.floor(gamma)
-  if 2 * gamma != round(2 * gamma) or gamma > _MAX_CHAIN:
-    return jnp.exp(gamma * jnp.log(base))
-  if gamma == whole:
-    return jax.lax.integer_pow(base, whole)
-  root = jnp.sqrt(base)
-  return root if whole == 0 else jax.lax.integer_pow(base, whole) * root
-
-
-def _sum_terms(terms: list[jax.Array], like: jax.Array) -> jax.Array:
-  total = jnp.zeros_like(like)
-  for term in terms:
-    total = total + term
-  return jnp.broadcast_to(total, like.shape).astype(like.dtype)
 
 
 def _class_weight(labels, alpha):
@@ -103,68 +78,6 @@ def _logit_value(x, y, w, gamma, alpha):
   return losses if alpha is None else _class_weight(y, alpha) * losses
 
 
-@jax.custom_jvp
-def _magnitude(x):
-  """``|x|`` with derivative +1 at 0, the side whose formulas are used there."""
-  return jnp.abs(x)
-
-
-_magnitude.defjvp(lambda p, t: (_magnitude(*p), jnp.where(p[0] >= 0, 1, -1) * t[0]))
-
-
-def _parts(a, u):
-  """``t``, ``sigmoid(a)``, ``sigmoid(-a)``, ``den = t + u (1 - t)`` and ``1 / den``.
-
-  Built alike wherever used, so XLA computes them once. ``den`` is 0 only
-  where ``u = 0`` and ``t`` underflows; ``1 / den`` is capped there, and all
-  it scales is 0.
-  """
-  t = jnp.exp(-a)
-  big = 1 / (1 + t)
-  den = t + u * (1 - t)
-  return t, big, t * big, den, 1 / jnp.maximum(den, jnp.finfo(den.dtype).tiny)
-
-
-@jax.custom_jvp
-def _ratio(a, u):
-  """``q = s (1 - s) / P = sigmoid(-a) / den``, in [0, 1]."""
-  _, _, small, _, inv = _parts(a, u)
-  return small * inv
-
-
-def _ratio_jvp(primals, tangents):
-  (a, u), (da, du) = primals, tangents
-  q = _ratio(a, u)
-  _, _, small, _, inv = _parts(a, u)
-  terms = [q * (small - u * inv) * da] if _live(da) else []  # bounded
-  if _live(du):
-    terms.append(-q * _one_minus_t(a) * inv * du)
-  return q, _sum_terms(terms, q)
-
-
-_ratio.defjvp(_ratio_jvp, symbolic_zeros=True)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _factor(a, u, gamma):
-  """``P**gamma``, ``P = den sigmoid(a)``."""
-  _, big, _, den, _ = _parts(a, u)
-  return _power(den * big, gamma)
-
-
-def _factor_jvp(gamma, primals, tangents):
-  (a, u), (da, du) = primals, tangents
-  f = _factor(a, u, gamma)
-  _, _, _, _, inv = _parts(a, u)
-  terms = [gamma * f * (2 * u - 1) * _ratio(a, u) * da] if _live(da) else []  # (log P)' = (u - v) q
-  if _live(du):
-    terms.append(gamma * f * _one_minus_t(a) * inv * du)
-  return f, _sum_terms(terms, f)
-
-
-_factor.defjvp(_factor_jvp, symbolic_zeros=True)
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
 def _logit_losses(x, y, w, gamma, alpha):
   return _logit_value(x, y, w, gamma, alpha)
@@ -175,7 +88,7 @@ def _logit_losses_jvp(gamma, alpha, primals, tangents):
   losses = _logit_losses(x, y, w, gamma, alpha)
   pos, a = x >= 0, _magnitude(x)
   u = jnp.where(pos, 1 - y, y)
-  t, big, small, den, inv = _parts(a, u)
+  t, big, small, _, _ = _parts(a, u)
   tail = jnp.log1p(t)
   w_u, w_v = (1, 1) if w is None else (jnp.where(pos, 1, w), jnp.where(pos, w, 1))
   sp_neg = jnp.where(pos, tail, a + tail)  # softplus(-x)
@@ -191,27 +104,24 @@ def _logit_losses_jvp(gamma, alpha, primals, tangents):
       else:
         slope = w_u * u * big - w_v * (1 - u) * small
         finite = w_u * u * (finite + tail) + w_v * (1 - u) * tail
-      slope = jnp.where(pos, slope, -slope) + gamma * (1 - 2 * y) * _ratio(a, u) * finite
+      slope = jnp.where(pos, slope, -slope) + gamma * (1 - 2 * y) * _ratio_times(a, u, finite)
       slope = factor * slope
     else:  # the BCE's
       sig_pos, sig_neg = jnp.where(pos, big, small), jnp.where(pos, small, big)
       slope = (1 - y) * sig_pos - (y * sig_neg if w is None else w * (y * sig_neg))
     terms.append(c * slope * dx)
   if _live(dy):
-    slope = -x if w is None else (w - 1) * sp_neg - x  # w softplus(-x) - softplus(x)
-    if gamma:  # c F (BCE_y + gamma (log P)_y BCE), (log P)_y = -+(1 - t) / den
-      hit = u > 0
-      # P**gamma in log space: exact where P underflows and P**gamma does not.
-      log_den = jnp.log(jnp.where(hit, den, 1))
-      factor = jnp.exp(gamma * (jnp.where(hit, log_den, -a) - tail))
-      t_ratio = jnp.where(t > 0, tail / jnp.where(t > 0, t, 1), 1)  # log1p(t) / t
-      bce_den = w_u * (a + tail) * (u * inv) + w_v * (1 - u) * t_ratio * jnp.where(hit, t * inv, 1)
-      # dP/dy = 1 - 2p = -tanh(x / 2): exact near x = 0, where 1 - t would cancel.
-      one_minus_t = _one_minus_t(a)
-      slope = factor * (slope + gamma * jnp.where(pos, -one_minus_t, one_minus_t) * bce_den)
-    slope = c * slope
-    if alpha is not None:
-      slope = slope + (2 * alpha - 1) * factor * bce
+    if gamma:  # d(c F BCE)/dy = -+ d/du; its own JVP keeps the Hessian finite
+      ones = jnp.ones_like(a)
+      c0, c1 = (1, 0) if alpha is None else (jnp.where(pos, alpha, 1 - alpha), 1 - 2 * alpha)
+      c1 = jnp.where(pos, c1, -c1) * ones
+      slope = _label_slope(a, u, w_u * ones, w_v * ones, c0 * ones, c1, gamma)
+      slope = jnp.where(pos, -slope, slope)
+    else:
+      slope = -x if w is None else (w - 1) * sp_neg - x  # w softplus(-x) - softplus(x)
+      slope = c * slope
+      if alpha is not None:
+        slope = _saturate(slope + (2 * alpha - 1) * bce)  # c' = 2 alpha - 1
     terms.append(slope * dy)
   if w is not None and _live(dw):
     terms.append(c * factor * y * sp_neg * dw)
