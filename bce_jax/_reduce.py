@@ -1,9 +1,11 @@
 """Shapes, weights, masks and reductions, shared by every loss and metric.
 
-Each public entry point checks its arguments once, in Python
-(:func:`prepare_call`), then makes one call to a jitted core here, compiled
-once per formula, configuration and shape: an eager call costs about one
-jitted dispatch. The cores hand the arrays, as given, to
+Each public entry point checks its arguments in Python (:func:`prepare_call`),
+then makes one call to a jitted core here, compiled once per formula,
+configuration and shape. An eager call with jax arrays is checked once per
+configuration and input shapes and dtypes (:func:`plan`); later calls look
+the result up and dispatch the core with ready-made constants, so an eager
+call costs about one jitted dispatch. The cores hand the arrays, as given, to
 :func:`bce_jax._kernel.reduced` with a static :class:`Layout`, and turn its
 weighted sums into Keras 3's reductions.
 """
