@@ -101,6 +101,15 @@ class Config:
     pos_weight = getattr(self, "pos_weight", None)
     return None if pos_weight is None else np.asarray(pos_weight, np.float32)
 
+  def call_config(self) -> tuple[Any, ...]:
+    """What a call's checks need: formula, label smoothing, pos_weight, axis, elementwise name."""
+    label_smoothing = getattr(self, "label_smoothing", 0.0)
+    axis = getattr(self, "axis", -1)
+    return self.formula(), label_smoothing, self.static_pos_weight(), axis, self._ELEMENTWISE
+
+  def formula(self) -> Any:
+    raise NotImplementedError
+
   def get_config(self) -> dict[str, Any]:
     """The configuration as a JSON-serialisable dict."""
     fields = dataclasses.fields(self)  # type: ignore[arg-type]

@@ -58,18 +58,7 @@ class Loss(Config):
       TypeError: for non-numeric inputs, a non-bool `mask`, or a Python
         bool as `sample_weight` (``from_logits`` belongs on the constructor).
     """
-    return _reduce.loss_value(
-      self.formula(),
-      y_true,
-      y_pred,
-      self.label_smoothing,
-      self.static_pos_weight(),
-      self.axis,
-      self.reduction,
-      sample_weight,
-      mask,
-      self._ELEMENTWISE,
-    )
+    return _reduce.object_loss(self, y_true, y_pred, sample_weight, mask)
 
 
 @jax.tree_util.register_static

@@ -88,18 +88,11 @@ class Metric(Config):
     Returns:
       The new state. An empty batch adds nothing.
     """
-    state = _state.check_state(state, _tag(self))
-    layout, arrays = _reduce.prepare_call(
-      y_true,
-      y_pred,
-      self.label_smoothing,
-      self.static_pos_weight(),
-      self.axis,
-      sample_weight,
-      mask,
-      self._ELEMENTWISE,
-    )
-    return _update(self.formula(), layout, state, *arrays)
+    tag = _tag(self)
+    state = _state.check_state(state, tag)
+    plan, arrays = _reduce.plan(self, self.call_config, y_true, y_pred, sample_weight, mask)
+    leaves = _update(plan.formula, plan.layout, *_state.leaves(state), *arrays)
+    return MetricState(*leaves, metric=tag)
 
   def merge(self, state: MetricState, *others: MetricState) -> MetricState:
     """Combines states, as if one state had seen all their batches.
@@ -250,11 +243,13 @@ def _accumulate(state: MetricState, total: jax.Array, count: jax.Array) -> Metri
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _update(formula, layout, state, y_true, y_pred, smoothing, pos_weight, sample_weight, mask):
-  total, count = _reduce.batch_sums(
-    formula, layout, y_true, y_pred, smoothing, pos_weight, sample_weight, mask
-  )
-  return _accumulate(state, total, count)
+def _update(formula, layout, total, total_err, count, count_err, *arrays):
+  # The state's four arrays in and out, not the pytree: an eager call
+  # dispatches faster with plain arguments.
+  state = MetricState(total, total_err, count, count_err)
+  batch_total, batch_count = _reduce.batch_sums(formula, layout, *arrays)
+  state = _accumulate(state, batch_total, batch_count)
+  return state.total, state.total_err, state.count, state.count_err
 
 
 def _merge_two(a: MetricState, b: MetricState) -> MetricState:

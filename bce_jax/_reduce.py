@@ -1,17 +1,20 @@
 """Shapes, weights, masks and reductions, shared by every loss and metric.
 
-Each public entry point checks its arguments once, in Python
-(:func:`prepare_call`), then makes one call to a jitted core here, compiled
-once per formula, configuration and shape: an eager call costs about one
-jitted dispatch. The cores hand the arrays, as given, to
+Each public entry point checks its arguments in Python (:func:`prepare_call`),
+then makes one call to a jitted core here, compiled once per formula,
+configuration and shape. An eager call with jax arrays is checked once per
+configuration and input shapes and dtypes (:func:`plan`); later calls look
+the result up and dispatch the core with ready-made constants, so an eager
+call costs about one jitted dispatch. The cores hand the arrays, as given, to
 :func:`bce_jax._kernel.reduced` with a static :class:`Layout`, and turn its
 weighted sums into Keras 3's reductions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +25,14 @@ from bce_jax._kernel import Formula, Layout, cpu_barrier, reduced, scaled_sums, 
 __all__ = [
   "Formula",
   "Layout",
+  "Plan",
   "axis_mean",
   "batch_sums",
   "elementwise",
   "flag",
   "loss_value",
+  "object_loss",
+  "plan",
   "prepare_call",
 ]
 
@@ -218,13 +224,128 @@ def batch_sums(formula, layout, *arrays):
 
 
 # --------------------------------------------------------------------------
+# Eager calls: the checks of a call, once per configuration and input signature.
+
+
+class Plan(NamedTuple):
+  """What the checks of a call found: its formula, layout and constant arguments.
+
+  `layout` is a :class:`Layout`, or the aligned shape for element losses;
+  `smoothing` and `pos_weight` are passed to the jitted core as they are.
+  """
+
+  formula: Formula
+  layout: Any
+  smoothing: Any
+  pos_weight: Any
+
+
+_PLANS: dict[Any, Plan] = {}
+_MAX_PLANS = 4096
+# The types of the concrete jax arrays seen at an entry (never a tracer's).
+_CONCRETE: set[type] = set()
+
+
+def _key(head, y_true, y_pred, sample_weight, mask) -> tuple | None:
+  """The key of an eager call's plan; None when an input is traced or not a jax array.
+
+  The checks look only at shapes, dtypes and configuration, so a call with
+  a planned key passes them: it skips them and their conversions.
+  """
+  concrete = _CONCRETE
+  if head is None or type(y_true) not in concrete or type(y_pred) not in concrete:
+    return None
+  x64 = jax.config.read("jax_enable_x64")
+  key: tuple[Any, ...] = (head, x64, y_true.shape, y_true.dtype, y_pred.shape, y_pred.dtype)
+  for x in (sample_weight, mask):
+    if x is None:
+      key += (None,)
+    elif type(x) in concrete:
+      key += (x.shape, x.dtype)
+    else:
+      return None
+  return key
+
+
+def _note_concrete(*xs) -> None:
+  for x in xs:
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+      _CONCRETE.add(type(x))
+
+
+def plan(head, config, y_true, y_pred, sample_weight=None, mask=None, per_element=False):
+  """Checks a call (once per `head` and input signature); returns its plan and arrays.
+
+  Args:
+    head: a hashable naming everything `config` returns (a loss or metric
+      object), or None: the call is checked every time.
+    config: ``() -> (formula, label_smoothing, pos_weight, axis,
+      elementwise)``, called only when the call is checked.
+    y_true, y_pred, sample_weight, mask: the call's inputs.
+    per_element: the element losses (no axis, weight or mask): the plan's
+      layout is then the aligned shape.
+
+  Returns:
+    The :class:`Plan` and the arrays for the jitted core: ``(y_true, y_pred,
+    smoothing, pos_weight, sample_weight, mask)``.
+  """
+  key = _key(head, y_true, y_pred, sample_weight, mask)
+  if key is not None:
+    try:
+      hit = _PLANS.get(key)
+    except TypeError:  # an unhashable argument (an axis list): checked every time
+      hit, key = None, None
+    if hit is not None:
+      return hit, (y_true, y_pred, hit.smoothing, hit.pos_weight, sample_weight, mask)
+  formula, label_smoothing, pos_weight, axis, elementwise = config()
+  # A planned call keeps its constants: they must be arrays, not tracers.
+  with jax.ensure_compile_time_eval() if key is not None else contextlib.nullcontext():
+    if per_element:
+      arrays, layout = _prepare(y_true, y_pred, label_smoothing, pos_weight)
+      arrays += (None, None)
+    else:
+      layout, arrays = prepare_call(
+        y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask, elementwise
+      )
+    if key is not None:
+      arrays = (arrays[0], arrays[1], jnp.asarray(label_smoothing), *arrays[3:])
+  out = Plan(formula, layout, arrays[2], arrays[3])
+  if key is not None:
+    if len(_PLANS) >= _MAX_PLANS:
+      _PLANS.clear()
+    _PLANS[key] = out
+  _note_concrete(y_true, y_pred, sample_weight, mask)
+  return out, arrays
+
+
+def _function_head(kind, formula, label_smoothing, pos_weight, axis, elementwise):
+  """The plan head of a public function's call; None (never planned) for array arguments."""
+  if pos_weight is not None or type(label_smoothing) is not float:
+    return None
+  return (kind, formula, label_smoothing, axis, elementwise)
+
+
+# --------------------------------------------------------------------------
 # What the public functions and objects call.
 
 
 def elementwise(formula, y_true, y_pred, label_smoothing, pos_weight) -> jax.Array:
   """The element losses of a formula (no reduction)."""
-  arrays, shape = _prepare(y_true, y_pred, label_smoothing, pos_weight)
-  return _elementwise_core(formula, shape, *arrays)
+  head = _function_head("elementwise", formula, label_smoothing, pos_weight, None, None)
+  p, arrays = plan(
+    head,
+    lambda: (formula, label_smoothing, pos_weight, None, None),
+    y_true,
+    y_pred,
+    per_element=True,
+  )
+  return _elementwise_core(formula, p.layout, *arrays[:4])
+
+
+def object_loss(loss, y_true, y_pred, sample_weight=None, mask=None) -> jax.Array:
+  """A loss object's value; `loss` gives its formula, options and reduction."""
+  p, arrays = plan(loss, loss.call_config, y_true, y_pred, sample_weight, mask)
+  return _loss_core(p.formula, p.layout, loss.reduction, *arrays)
 
 
 def loss_value(
@@ -239,11 +360,17 @@ def loss_value(
   mask=None,
   elementwise=None,
 ) -> jax.Array:
-  """A loss object's value: per-sample losses, weighted, masked and reduced."""
-  layout, arrays = prepare_call(
-    y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask, elementwise
+  """A loss's value: per-sample losses, weighted, masked and reduced."""
+  head = _function_head("loss", formula, label_smoothing, pos_weight, axis, elementwise)
+  p, arrays = plan(
+    head,
+    lambda: (formula, label_smoothing, pos_weight, axis, elementwise),
+    y_true,
+    y_pred,
+    sample_weight,
+    mask,
   )
-  return _loss_core(formula, layout, reduction, *arrays)
+  return _loss_core(p.formula, p.layout, reduction, *arrays)
 
 
 def axis_mean(

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 STATE_DTYPE = jnp.float32
 
@@ -100,9 +101,31 @@ def _flax_registration() -> None:
     _FLAX_REGISTERED.append(True)
 
 
+def leaves(state: MetricState) -> tuple[Any, Any, Any, Any]:
+  """The four arrays of `state`, in field order."""
+  return state.total, state.total_err, state.count, state.count_err
+
+
+def _is_scalar(value: Any) -> bool:
+  return getattr(value, "shape", None) == () and getattr(value, "dtype", None) == _STATE_NP_DTYPE
+
+
+_STATE_NP_DTYPE = np.dtype(STATE_DTYPE)
+
+
 def check_state(state: Any, tag: str, argname: str = "state", stacked: bool = False) -> MetricState:
   """`state` if it is a MetricState of float32 scalars (of `[K]` arrays if `stacked`) made
   by the metric whose tag is `tag`."""
+  if (
+    not stacked
+    and type(state) is MetricState
+    and state.metric == tag
+    and _is_scalar(state.total)
+    and _is_scalar(state.total_err)
+    and _is_scalar(state.count)
+    and _is_scalar(state.count_err)
+  ):
+    return state  # the common case, checked in a few attribute reads
   if not isinstance(state, MetricState):
     raise TypeError(
       f"`{argname}` must be a bce_jax.MetricState (from metric.init()); got {type(state).__name__}."

@@ -1,0 +1,148 @@
+"""Eager calls: checked once per configuration and input signature, then planned.
+
+A planned call skips the argument checks; these tests show that it gives
+the same values as the first, checked, call and as the jitted call, that a
+bad call raises every time (even after good calls of the same object),
+that a plan made while tracing holds no tracer, and that the x64 mode
+is part of the plan.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import parameterized
+
+import bce_jax
+from tests import _reference as ref
+
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def _case(seed, shape=(6, 4)):
+  rng = np.random.default_rng(seed)
+  y = jnp.asarray(rng.random(shape) < 0.5, jnp.float32)
+  x = jnp.asarray(3.0 * rng.standard_normal(shape), jnp.float32)
+  return y, x
+
+
+_CALLS = {
+  "loss": lambda y, x: bce_jax.BinaryCrossentropy(from_logits=True, label_smoothing=0.1)(y, x),
+  "loss_pos_weight": lambda y, x: bce_jax.BinaryCrossentropy(
+    from_logits=True, pos_weight=(0.5, 1.0, 2.0, 1.5)
+  )(y, x),
+  "function": lambda y, x: bce_jax.binary_crossentropy(y, x, True, 0.1),
+  "elementwise": lambda y, x: bce_jax.binary_crossentropy_elementwise(y, x, True, 0.1),
+  "focal_function": lambda y, x: bce_jax.binary_focal_crossentropy(y, x, from_logits=True),
+  "focal_loss": lambda y, x: bce_jax.BinaryFocalCrossentropy(from_logits=True)(y, x),
+}
+
+
+class PlannedCallTest(parameterized.TestCase):
+  @parameterized.named_parameters(*_CALLS.items())
+  def test_planned_calls_equal_the_checked_and_jitted_ones(self, call):
+    y, x = _case(0)
+    first, second = call(y, x), call(y, x)  # the second call is planned
+    jitted = jax.jit(call)(y, x)
+    chex.assert_trees_all_equal(first, second)
+    self.assertEqual(first.dtype, jitted.dtype)
+    np.testing.assert_allclose(np.asarray(second), np.asarray(jitted), rtol=2 * F32_EPS)
+
+  def test_planned_values_match_the_reference(self):
+    y, x = _case(1)
+    bce = bce_jax.BinaryCrossentropy(from_logits=True, label_smoothing=0.2, pos_weight=2.0)
+    want = ref.elementwise(np.asarray(y), np.asarray(x), True, 0.2, pos_weight=2.0).mean()
+    for _ in range(3):
+      np.testing.assert_allclose(float(bce(y, x)), want, rtol=4 * F32_EPS)
+
+  def test_metric_update_is_planned_and_exact(self):
+    y, x = _case(2)
+    m = bce_jax.BinaryCrossentropyMetric(from_logits=True, label_smoothing=0.1)
+    w = jnp.asarray(np.linspace(0.0, 2.0, 6), jnp.float32)
+    state = m.init()
+    for _ in range(3):
+      state = m.update(state, y, x, w)
+    self.assertEqual(state.metric, m.init().metric)
+    jitted = m.init()
+    for _ in range(3):
+      jitted = jax.jit(m.update)(jitted, y, x, w)
+    chex.assert_trees_all_equal(state, jitted)
+    want = ref.elementwise(np.asarray(y), np.asarray(x), True, 0.1).mean(-1)
+    want = float((want * np.asarray(w)).sum() / np.asarray(w).sum())
+    np.testing.assert_allclose(float(m.result(state)), want, rtol=8 * F32_EPS)
+
+
+class ChecksStillRunTest(parameterized.TestCase):
+  def test_a_bad_shape_after_good_calls_raises_every_time(self):
+    y, x = _case(3)
+    bce = bce_jax.BinaryCrossentropy(from_logits=True)
+    bce(y, x)
+    bce(y, x)
+    for _ in range(2):
+      with self.assertRaisesRegex(ValueError, "`y_true` and `y_pred` must have the same shape"):
+        bce(y[:, :3], x)
+      with self.assertRaisesRegex(ValueError, "`sample_weight` with shape"):
+        bce(y, x, sample_weight=jnp.ones((5,)))
+
+  def test_a_bad_dtype_after_good_calls_raises(self):
+    y, x = _case(4)
+    bce = bce_jax.BinaryCrossentropy(from_logits=True)
+    mask = jnp.ones((6,), bool)
+    bce(y, x, mask=mask)
+    with self.assertRaisesRegex(TypeError, "`mask` must be a boolean array"):
+      bce(y, x, mask=mask.astype(jnp.float32))
+    with self.assertRaisesRegex(TypeError, "`y_pred` has complex dtype"):
+      bce(y, x.astype(jnp.complex64))
+
+  def test_function_options_are_checked_every_time(self):
+    y, x = _case(5)
+    bce_jax.binary_crossentropy(y, x, True, 0.1)
+    for _ in range(2):
+      with self.assertRaisesRegex(ValueError, "`label_smoothing` must be in"):
+        bce_jax.binary_crossentropy(y, x, True, 1.5)
+      with self.assertRaisesRegex(ValueError, "`axis` 2 is out of range"):
+        bce_jax.binary_crossentropy(y, x, True, 0.1, axis=2)
+    # An axis given as a list is not hashable: it is checked, not planned.
+    got = bce_jax.binary_crossentropy(y, x, True, 0.1, axis=[0, 1])
+    np.testing.assert_allclose(
+      float(got), float(bce_jax.binary_crossentropy(y, x, True, 0.1, axis=(0, 1))), rtol=0
+    )
+
+  def test_metric_refuses_foreign_and_malformed_states_after_updates(self):
+    y, x = _case(6)
+    m = bce_jax.BinaryCrossentropyMetric(from_logits=True)
+    other = bce_jax.BinaryCrossentropyMetric(from_logits=False)
+    state = m.update(m.init(), y, x)
+    state = m.update(state, y, x)
+    with self.assertRaisesRegex(ValueError, "`state` was made by"):
+      m.update(other.init(), y, x)
+    bad = bce_jax.MetricState(
+      state.total, state.total_err, state.count[None], state.count_err, metric=state.metric
+    )
+    with self.assertRaisesRegex(ValueError, r"`state.count` must be a float32 scalar"):
+      m.update(bad, y, x)
+
+
+class PlanContextTest(parameterized.TestCase):
+  def test_a_plan_made_while_tracing_holds_no_tracer(self):
+    y, x = _case(7, (3, 5))
+    bce = bce_jax.BinaryCrossentropy(from_logits=True, label_smoothing=0.3, pos_weight=1.5)
+    # Concrete arrays closed over by a traced function: the first call, and
+    # the plan, are made while tracing.
+    traced = jax.jit(lambda: bce(y, x))()
+    with jax.checking_leaks():
+      eager = bce(y, x)
+    np.testing.assert_allclose(float(eager), float(traced), rtol=2 * F32_EPS)
+    self.assertIsInstance(eager, jax.Array)
+
+  def test_x64_mode_is_part_of_the_plan(self):
+    y, x = _case(8)
+    bce = bce_jax.BinaryCrossentropy(from_logits=True, label_smoothing=0.1)
+    self.assertEqual(bce(y, x).dtype, jnp.float32)
+    with jax.enable_x64(True):
+      x64 = np.asarray(x, np.float64)
+      got = bce(jnp.asarray(y, jnp.float64), jnp.asarray(x64))
+      self.assertEqual(got.dtype, jnp.float64)
+      want = ref.elementwise(np.asarray(y, np.float64), x64, True, 0.1).mean()
+      np.testing.assert_allclose(float(got), want, rtol=1e-13)
+    self.assertEqual(bce(y, x).dtype, jnp.float32)
