@@ -213,7 +213,27 @@ def _cached_formula(from_logits: bool, alpha: float | None, gamma: float) -> _re
 
 
 def formula(from_logits, apply_class_balancing, alpha, gamma) -> _reduce.Formula:
-  """The focal formula; checks each option by its name (a loss object has already)."""
+  """The focal formula; checks each option by its name (a loss object has already).
+
+  Options that passed once are remembered by value and type (so ``1`` is
+  never taken for ``True``): an eager call does not check them again. A
+  failed check is not remembered, so it raises on every call.
+  """
+  options = (from_logits, apply_class_balancing, alpha, gamma)
+  key: tuple | None = tuple((type(v), v) for v in options)
+  try:
+    hash(key)
+  except TypeError:  # an array-valued option: checked (and refused) each time
+    key = None
+  return _formula(*options) if key is None else _checked_formula(key)
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_formula(typed_options) -> _reduce.Formula:
+  return _formula(*(v for _, v in typed_options))
+
+
+def _formula(from_logits, apply_class_balancing, alpha, gamma) -> _reduce.Formula:
   check = _config._FIELDS  # the objects' field checks, reused for the functions' arguments
   balancing = check["apply_class_balancing"](apply_class_balancing)
   alpha, gamma = check["alpha"](alpha), check["gamma"](gamma)
