@@ -282,9 +282,6 @@ def reduced(
   return _impl(formula, kind, layout, y_true, y_pred, smoothing, pos_weight, sample_weight, mask)
 
 
-_LABEL_LIMIT = 2.0**64
-
-
 def _active(tangent) -> bool:
   if tangent is None or isinstance(tangent, SymbolicZero):
     return False
@@ -362,12 +359,15 @@ def _reduced_jvp(formula, kind, layout, primals, tangents):
       layout, y_true, y_pred, smoothing, pos_weight, None, None
     )
     if poison is not None:  # excluded rows: inputs that cannot poison a derivative
-      # Selected on each input's own test (an infinite logit is exact; a
-      # label beyond 2**64 is garbage whose derivative could overflow): XLA:CPU
-      # runs a select on the rows' weights ~6x slower over narrow rows.
+      # Selected on each input's own test (an infinite logit is exact): XLA:CPU
+      # runs a select on the rows' weights ~6x slower over narrow rows. A
+      # label outside [0, 1] (padding such as -1 or 1e15) is clipped into it
+      # in an excluded row, since a focal factor of it can be nan or inf
+      # there, and stays itself in a kept one; a non-finite label is the poison.
       # In the compute dtype: bfloat16 copies of the fills would be written out.
       labels, preds = labels.astype(dtype), preds.astype(dtype)
-      labels = jnp.where(jnp.abs(labels) <= _LABEL_LIMIT, labels, poison)
+      labels = jnp.where(jnp.isfinite(labels), labels, poison)
+      labels = jnp.minimum(jnp.maximum(labels, -infinity), infinity + 1)  # kept: no bounds
       fill = jnp.where(jnp.isnan(preds), poison, infinity)
       preds = jnp.where(jnp.isfinite(preds), preds, jnp.where(preds > 0, fill, -fill))
     return _losses(formula, labels, preds, pos_weight, smoothing, safe=False)

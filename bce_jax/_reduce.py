@@ -322,7 +322,9 @@ def _function_head(kind, formula, label_smoothing, pos_weight, axis, elementwise
   """The plan head of a public function's call; None (never planned) for array arguments."""
   if pos_weight is not None or type(label_smoothing) is not float:
     return None
-  return (kind, formula, label_smoothing, axis, elementwise)
+  # `axis` by value and type: 1.0 == True == 1, and only the int passes its check.
+  axis_types = tuple(map(type, axis)) if isinstance(axis, tuple) else type(axis)
+  return (kind, formula, label_smoothing, axis, axis_types, elementwise)
 
 
 # --------------------------------------------------------------------------

@@ -94,6 +94,17 @@ class ChecksStillRunTest(parameterized.TestCase):
     with self.assertRaisesRegex(TypeError, "`y_pred` has complex dtype"):
       bce(y, x.astype(jnp.complex64))
 
+  @parameterized.parameters(1.0, True)
+  def test_an_axis_equal_to_a_valid_int_is_refused_after_good_calls(self, axis):
+    y, p = jnp.zeros((2, 3)), jnp.full((2, 3), 0.3)
+    bce_jax.binary_crossentropy(y, p, axis=1)
+    bce_jax.binary_crossentropy(y, p, axis=1)  # planned
+    for fn in (bce_jax.binary_crossentropy, bce_jax.binary_focal_crossentropy):
+      with self.assertRaisesRegex(TypeError, "`axis` must be an int"):
+        fn(y, p, axis=axis)
+      with self.assertRaisesRegex(TypeError, "`axis` must be an int"):
+        fn(jnp.zeros((2, 3, 4)), jnp.full((2, 3, 4), 0.3), axis=(axis, 2))
+
   def test_function_options_are_checked_every_time(self):
     y, x = _case(5)
     bce_jax.binary_crossentropy(y, x, True, 0.1)

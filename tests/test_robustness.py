@@ -293,6 +293,26 @@ class PaddingTest(parameterized.TestCase):
 # 2. Probabilities outside [0, 1] are clipped, so the loss is never negative.
 
 
+class OutOfRangePaddingLabelsTest(parameterized.TestCase):
+  """Padding labels outside [0, 1] (-1, 1e15) in an excluded row: their focal
+  factor can be nan or inf, and must not reach any derivative."""
+
+  @parameterized.product(
+    gamma=(0.5, 1.5, 2.0), from_logits=(True, False), pad=(-1.0, 1e15), by=("mask", "weight")
+  )
+  def test_gradients_of_excluded_rows_are_zero(self, gamma, from_logits, pad, by):
+    y = jnp.array([[1.0, 0.0], [pad, pad]])
+    preds = jnp.array([[0.5, -0.3], [30.0, -3.0]] if from_logits else [[0.6, 0.3], [0.9, 0.1]])
+    keep = jnp.array([True, False])
+    extra = {"mask": keep} if by == "mask" else {"sample_weight": keep.astype(jnp.float32)}
+    focal = bce_jax.BinaryFocalCrossentropy(gamma=gamma, from_logits=from_logits)
+    grad = jax.jit(jax.grad(lambda p: focal(y, p, **extra)))(preds)
+    np.testing.assert_array_equal(np.asarray(grad[1]), 0.0)
+    want = jax.grad(lambda p: focal(y[:1], p))(preds[:1])
+    scale = 0.5 if by == "weight" else 1.0  # a zero weight still counts in the mean
+    np.testing.assert_allclose(np.asarray(grad[0]), scale * np.asarray(want[0]), rtol=1e-6)
+
+
 class ClippingTest(chex.TestCase):
   """binary_crossentropy docstring: probabilities are "clipped to [1e-7, 1 - 1e-7], also
   when they lie outside [0, 1]"; README: the gradient is "the derivative of the loss at
