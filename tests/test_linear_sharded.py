@@ -14,15 +14,11 @@ One subprocess (JAX fixes its device count at start) runs, under
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 from absl.testing import absltest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests import _host_devices
 
 _SCRIPT = textwrap.dedent(
   """
@@ -30,7 +26,7 @@ _SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     import bce_jax
-    from tests import _reference as ref
+    from tests import _host_devices, _reference as ref
 
     assert jax.device_count() == 8, jax.devices()
     mesh = jax.make_mesh((8,), ("labels",))
@@ -115,19 +111,7 @@ _SCRIPT = textwrap.dedent(
 
 class EightDevicesTest(absltest.TestCase):
   def test_label_shards_equal_one_device(self):
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    flags.append("--xla_force_host_platform_device_count=8")
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
-    proc = subprocess.run(
-      [sys.executable, "-c", _SCRIPT],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=300,
-      check=False,
-    )
+    proc = _host_devices.run(_SCRIPT, devices=8, timeout=300)
     output = f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-4000:]}"
     self.assertEqual(proc.returncode, 0, output)
     results = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -20,10 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 from unittest import mock
 
@@ -34,8 +30,8 @@ from absl.testing import absltest, parameterized
 
 import bce_jax
 from bce_jax import _pairwise
+from tests import _host_devices
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCALE, BIAS = 3.0, -2.0
 # float32 results against float64: sums of up to 300^2 terms, gradients
 # relative to their largest entry.
@@ -313,19 +309,7 @@ _RING_SCRIPT = textwrap.dedent(
 
 class RingTest(absltest.TestCase):
   def test_eight_devices_equal_one(self):
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    flags.append("--xla_force_host_platform_device_count=8")
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
-    proc = subprocess.run(
-      [sys.executable, "-c", _RING_SCRIPT],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=300,
-      check=False,
-    )
+    proc = _host_devices.run(_RING_SCRIPT, devices=8, timeout=300)
     output = f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-4000:]}"
     self.assertEqual(proc.returncode, 0, output)
     results = json.loads(proc.stdout.strip().splitlines()[-1])

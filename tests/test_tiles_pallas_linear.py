@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 from unittest import mock
 
@@ -33,9 +29,9 @@ from jax.sharding import PartitionSpec as P
 
 import bce_jax
 from bce_jax._tiles import pallas_triton, pallas_triton_config
+from tests import _host_devices
 from tests import _reference as ref
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOL = {"float32": 3e-6, "bfloat16": 1e-2}
 JAX = tuple(int(p) for p in jax.__version__.split(".")[:2])
 needs_triton = absltest.skipUnless(
@@ -237,19 +233,7 @@ _SHARD_SCRIPT = textwrap.dedent(
 @needs_triton
 class LabelShardsTest(absltest.TestCase):
   def test_four_devices_against_reference(self):
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    flags.append("--xla_force_host_platform_device_count=4")
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "XLA_FLAGS": " ".join(flags), "PYTHONPATH": path, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-      [sys.executable, "-c", _SHARD_SCRIPT],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
-      check=False,
-    )
+    proc = _host_devices.run(_SHARD_SCRIPT, devices=4, timeout=600)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
     self.assertEqual(set(errors), {"value", "dh", "dw", "dbias", "masked_dh_zero"})

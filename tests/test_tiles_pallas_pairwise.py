@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 from unittest import mock
 
@@ -32,9 +28,8 @@ from jax.sharding import PartitionSpec as P
 import bce_jax
 from bce_jax import _pairwise
 from bce_jax._tiles import pallas_triton
-from tests import _reference
+from tests import _host_devices, _reference
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCALE, BIAS = 3.0, -2.0
 TOL = {"float32": 2e-6, "bfloat16": 5e-3}
 needs_triton = absltest.skipUnless(
@@ -225,19 +220,7 @@ _RING_SCRIPT = textwrap.dedent(
 @needs_triton
 class RingTest(absltest.TestCase):
   def test_four_devices_equal_one(self):
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    flags.append("--xla_force_host_platform_device_count=4")
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "XLA_FLAGS": " ".join(flags), "PYTHONPATH": path, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-      [sys.executable, "-c", _RING_SCRIPT],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
-      check=False,
-    )
+    proc = _host_devices.run(_RING_SCRIPT, devices=4, timeout=600)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
     self.assertEqual(set(errors), {"False", "True"})
