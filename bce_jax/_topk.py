@@ -49,7 +49,14 @@ def top_k_labels(
 
   Scores ``<h_b, w_c> + bias_c`` are computed tile by tile; a running
   ``[B, k]`` top-k is merged with each tile's, and across label shards.
-  Ties go to the lower label id.
+
+  Every id returned is a real label id in ``[0, C)``, whatever the scores:
+  -inf is a score like any other, so a row with fewer than `k` finite
+  scores (or none) is filled with its -inf labels. Higher scores come first;
+  equal scores go to the lower label id, and -0.0 equals 0.0. A nan score
+  ranks as -inf (after every number, tied with -inf by label id) and is
+  returned as nan, so ``jnp.isnan(scores).any()`` finds it. This is the
+  order of a stable NumPy argsort of ``-where(isnan(s), -inf, s)``.
 
   Args:
     h: features ``[B, D]``, any float dtype.
@@ -103,7 +110,7 @@ def top_k_labels(
     # Every shard's top-k, shard 0 first (lower ids win ties), then the best k.
     all_scores = jax.lax.all_gather(scores, axis_name, axis=1, tiled=True)
     all_ids = jax.lax.all_gather(ids, axis_name, axis=1, tiled=True)
-    scores, where = jax.lax.top_k(all_scores, k)
+    scores, where = xla.best_k(all_scores, k)
     ids = jnp.take_along_axis(all_ids, where, axis=1)
     # Equal on every device; device 0's copy, summed over the axis, is typed
     # as replicated (and differentiable, unlike a max).

@@ -2,7 +2,9 @@
 
 * top_k_labels equals a full argsort of the dense scores (ties to the lower
   id), for tiles that divide C, that do not, narrower than k, with and
-  without bias, jitted and eager;
+  without bias, jitted and eager; with -inf, nan and -0.0 scores (rows of
+  -inf only, fewer finite scores than k) it returns real ids in NumPy's
+  order, nan ranked as -inf;
 * TopKMetric equals a float64 per-row loop (tests/_reference.py), with
   masks, repeated and padded positives, rows without positives;
 * merge / reduce / psum of states equal one update over all the rows; an
@@ -28,6 +30,13 @@ def _dense_top_k(h, w, b, k):
   if b is not None:
     scores = scores + np.asarray(b, np.float64)
   ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(scores, ids, axis=1), ids
+
+
+def _ranked_reference(scores, k):
+  """Stable argsort, best first, with nan ranked as -inf (the documented order)."""
+  scores = np.asarray(scores, np.float64)
+  ids = np.argsort(-np.where(np.isnan(scores), -np.inf, scores), axis=1, kind="stable")[:, :k]
   return np.take_along_axis(scores, ids, axis=1), ids
 
 
@@ -59,6 +68,28 @@ class TopKLabelsTest(parameterized.TestCase):
     for block in (None, 1, 2):
       _, ids = bce_jax.top_k_labels(h, w, 5, block_size=block)  # eager
       np.testing.assert_array_equal(ids, [[1, 3, 0, 2, 4]] * 2)
+
+  @parameterized.product(
+    scenario=("all_neg_inf", "two_finite", "mixed"), block=(None, 1, 2, 7), jit=(True, False)
+  )
+  def test_inf_nan_and_signed_zero_scores(self, scenario, block, jit):
+    inf, nan = np.inf, np.nan
+    bias = {
+      "all_neg_inf": [-inf] * 9,
+      "two_finite": [-inf, -inf, 0.5, -inf, -inf, -inf, -2.0, -inf, -inf],
+      "mixed": [-inf, 0.0, -0.0, nan, -inf, 0.0, inf, -inf, nan],
+    }[scenario]
+    bias = np.array(bias, np.float32)
+    # Exact scores: row 0 is h * w + bias, row 1 the bias alone.
+    h = np.array([[1.0], [0.0]], np.float32)
+    w = np.array([[1], [2], [0], [1], [3], [0], [2], [1], [0]], np.float32)
+    dense = np.asarray(h, np.float64) @ np.asarray(w, np.float64).T + bias
+    for k in (1, 4, 9):
+      fn = lambda h, w, b, k=k: bce_jax.top_k_labels(h, w, k, bias=b, block_size=block)
+      scores, ids = (jax.jit(fn) if jit else fn)(h, w, bias)
+      want_scores, want_ids = _ranked_reference(dense, k)
+      np.testing.assert_array_equal(ids, want_ids, err_msg=f"k={k}")
+      np.testing.assert_array_equal(scores, want_scores, err_msg=f"k={k}")
 
   @hypothesis.settings(max_examples=8)
   @hypothesis.given(
