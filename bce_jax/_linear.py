@@ -143,13 +143,21 @@ def _check_rows(h: jax.Array, positives: Any, mask: Any) -> tuple[jax.Array, jax
   if positives.ndim != 2 or positives.shape[0] != h.shape[0]:
     msg = f"one row of label ids per row of h, -1 padding; got shape {positives.shape}."
     raise ValueError(f"`positives` must have shape [batch, K]=({h.shape[0]}, K), {msg}")
-  if mask is not None:
-    mask = _validate.as_array("mask", mask)
-    if mask.dtype != jnp.bool_:
-      raise TypeError(f"`mask` must be a bool array (True = row included); got dtype {mask.dtype}.")
-    if mask.shape != (h.shape[0],):
-      raise ValueError(f"`mask` must have shape [batch]=({h.shape[0]},); got shape {mask.shape}.")
-  return positives.astype(jnp.int32), mask
+  return positives.astype(jnp.int32), check_row_mask(mask, h.shape[0])
+
+
+def check_row_mask(mask: Any, rows: int) -> jax.Array | None:
+  """`mask` as a bool ``[rows]`` array (or None): TypeError for another dtype,
+  ValueError for another shape."""
+  if mask is None:
+    return None
+  mask = _validate.as_array("mask", mask)
+  if mask.dtype != jnp.bool_:
+    msg = f"got dtype {mask.dtype}; pass `mask.astype(bool)`."
+    raise TypeError(f"`mask` must be a bool array (True = row included); {msg}")
+  if mask.shape != (rows,):
+    raise ValueError(f"`mask` must have shape [batch]=({rows},); got shape {mask.shape}.")
+  return mask
 
 
 def linear_binary_crossentropy(

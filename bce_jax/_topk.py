@@ -145,10 +145,9 @@ def _check_ks(ks: Any) -> tuple[int, ...]:
     ks = tuple(ks)
   except TypeError:
     raise TypeError(f"`ks` must be an int or a sequence of ints >= 1; got {ks!r}.") from None
-  bad = [
-    k for k in ks if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1
-  ]
-  if not ks or bad:
+  if any(isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) for k in ks):
+    raise TypeError(f"`ks` must be an int or a sequence of ints >= 1; got {ks!r}.")
+  if not ks or min(ks) < 1:
     raise ValueError(f"`ks` must be a non-empty sequence of ints >= 1; got {ks!r}.")
   return tuple(int(k) for k in ks)
 
@@ -257,6 +256,11 @@ class TopKMetric(Config):
         with ``k >= max(ks)``.
       positives: int ``[B, K]`` positive label ids, ``-1`` for padding.
       mask: optional bool ``[B]``: rows to include.
+
+    Raises:
+      TypeError: for non-integer `ids` or `positives`, a non-bool `mask`, or
+        a `state` that is not a :class:`TopKState`.
+      ValueError: for shapes that do not fit, or a state of other `ks`.
     """
     state = self._check_state(state)
     ids, positives = _validate.as_array("ids", ids), _validate.as_array("positives", positives)
@@ -271,11 +275,7 @@ class TopKMetric(Config):
     if positives.shape[0] != ids.shape[0]:
       msg = f"got ids {ids.shape} and positives {positives.shape}."
       raise ValueError(f"`ids` and `positives` must have the same number of rows; {msg}")
-    if mask is not None:
-      mask = _validate.as_array("mask", mask)
-      if mask.dtype != jnp.bool_ or mask.shape != (ids.shape[0],):
-        msg = f"got {mask.dtype} {mask.shape}."
-        raise ValueError(f"`mask` must be a bool array of shape [batch]=({ids.shape[0]},); {msg}")
+    mask = _linear.check_row_mask(mask, ids.shape[0])
     prec, ndcg, count = _row_scores(self.ks, ids, positives, mask)
     batch = TopKState(*_split(prec), *_split(ndcg), *_split(count))
     return _merge_two(state, batch)

@@ -191,14 +191,21 @@ class TopKMetricTest(parameterized.TestCase):
       m.update(m.init(), ids.astype(np.float32), positives)
     with self.assertRaisesRegex(ValueError, "same number of rows"):
       m.update(m.init(), ids, positives[:3])
-    with self.assertRaisesRegex(ValueError, "`mask`"):
+    with self.assertRaisesRegex(ValueError, r"`mask` must have shape \[batch\]=\(4,\)"):
       m.update(m.init(), ids, positives, np.ones(3, bool))
+    with self.assertRaisesRegex(TypeError, "`mask` must be a bool array.*float32"):
+      m.update(m.init(), ids, positives, np.ones(4, np.float32))
     with self.assertRaisesRegex(ValueError, r"`state.precision` must be float32 of shape \(4,\)"):
       bce_jax.TopKMetric(ks=(1, 2, 3, 4)).result(m.init())
     with self.assertRaisesRegex(TypeError, "`state` must be a bce_jax.TopKState"):
       m.result(bce_jax.BinaryCrossentropyMetric().init())
     with self.assertRaisesRegex(ValueError, "`ks`"):
       bce_jax.TopKMetric(ks=(0, 1))
+    with self.assertRaisesRegex(ValueError, "`ks`"):
+      bce_jax.TopKMetric(ks=())
+    for ks in ((1.5,), ("1",), (True,)):
+      with self.assertRaisesRegex(TypeError, "`ks` must be an int"):
+        bce_jax.TopKMetric(ks=ks)
 
 
 if __name__ == "__main__":
