@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from bce_jax import _linear, _validate
+from bce_jax import _linear, _state, _validate
 from bce_jax._config import Config
-from bce_jax._metric import _add, _split
+from bce_jax._metric import _add, _split, _tag
 from bce_jax._tiles import checks, xla
 
 _STATE_DTYPE = jnp.float32
@@ -120,7 +120,6 @@ def top_k_labels(
   return scores.astype(jnp.float32), ids
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TopKState:
   """The state of a :class:`TopKMetric`: float32 sums, each with its rounding error.
@@ -129,6 +128,14 @@ class TopKState:
     precision, precision_err: ``[len(ks)]``, the sum of the rows' precision@k.
     ndcg, ndcg_err: ``[len(ks)]``, the sum of the rows' nDCG@k.
     count, count_err: scalars, the number of rows.
+    metric: the metric and configuration that made the state, as a string
+      (static: part of the tree structure, not a leaf), as in
+      :class:`bce_jax.MetricState`. A metric refuses a state that another
+      metric or configuration (other `ks`) made, also under ``jax.jit``.
+
+  A pytree of six arrays: a ``lax.scan`` carry, batched under ``vmap``,
+  summed across devices with ``jax.lax.psum``, donated, pickled, and saved
+  with ``flax.serialization`` as a :class:`bce_jax.MetricState` is.
   """
 
   precision: jax.Array
@@ -137,6 +144,15 @@ class TopKState:
   ndcg_err: jax.Array
   count: jax.Array
   count_err: jax.Array
+  _: dataclasses.KW_ONLY
+  metric: str | None = None
+
+  def __post_init__(self) -> None:
+    _state._flax_registration(TopKState)
+
+
+_DATA_FIELDS = ("precision", "precision_err", "ndcg", "ndcg_err", "count", "count_err")
+jax.tree_util.register_dataclass(TopKState, data_fields=list(_DATA_FIELDS), meta_fields=["metric"])
 
 
 def _check_ks(ks: Any) -> tuple[int, ...]:
@@ -185,6 +201,7 @@ def _merge_two(a: TopKState, b: TopKState) -> TopKState:
     *_add(a.precision, a.precision_err, b.precision, b.precision_err),
     *_add(a.ndcg, a.ndcg_err, b.ndcg, b.ndcg_err),
     *_add(a.count, a.count_err, b.count, b.count_err),
+    metric=a.metric,
   )
 
 
@@ -228,7 +245,7 @@ class TopKMetric(Config):
     """An empty state; its results are 0. No two leaves share a buffer."""
     n = len(self.ks)
     z = lambda *shape: jnp.zeros(shape, _STATE_DTYPE)
-    return TopKState(z(n), z(n), z(n), z(n), z(), z())
+    return TopKState(z(n), z(n), z(n), z(n), z(), z(), metric=_tag(self))
 
   def _check_state(self, state: Any, argname: str = "state", stacked: bool = False) -> TopKState:
     if not isinstance(state, TopKState):
@@ -236,13 +253,14 @@ class TopKMetric(Config):
       raise TypeError(f"`{argname}` must be a bce_jax.TopKState (from metric.init()); {msg}")
     lead = (getattr(state.count, "shape", (None,))[:1]) if stacked else ()
     want = {"count": lead, "count_err": lead}
-    for field in dataclasses.fields(TopKState):
-      value = getattr(state, field.name)
-      shape = want.get(field.name, (*lead, len(self.ks)))
+    for name in _DATA_FIELDS:
+      value = getattr(state, name)
+      shape = want.get(name, (*lead, len(self.ks)))
       if getattr(value, "shape", None) != shape or getattr(value, "dtype", None) != _STATE_DTYPE:
         got = f"got shape {getattr(value, 'shape', None)} and dtype {getattr(value, 'dtype', None)}"
         what = f"float32 of shape {shape}" + (" (states stacked on axis 0)" if stacked else "")
-        raise ValueError(f"`{argname}.{field.name}` must be {what} for ks={self.ks}; {got}.")
+        raise ValueError(f"`{argname}.{name}` must be {what} for ks={self.ks}; {got}.")
+    _state.check_tag(state.metric, _tag(self), argname)
     return state
 
   def update(

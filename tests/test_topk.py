@@ -9,10 +9,15 @@
   masks, repeated and padded positives, rows without positives;
 * merge / reduce / psum of states equal one update over all the rows; an
   empty state gives 0; the state is a scan carry and donatable;
+* a state's static tag names the metric and ks that made it: a metric with
+  other ks (same shapes) or a BCE metric refuses it, also under jit; the
+  tag survives psum, scan, vmap, donation, pickle and flax serialization;
 * bad arguments raise errors naming them.
 """
 
 from __future__ import annotations
+
+import pickle
 
 import hypothesis
 import hypothesis.strategies as st
@@ -206,6 +211,94 @@ class TopKMetricTest(parameterized.TestCase):
     for ks in ((1.5,), ("1",), (True,)):
       with self.assertRaisesRegex(TypeError, "`ks` must be an int"):
         bce_jax.TopKMetric(ks=ks)
+
+
+class TopKStateTagTest(parameterized.TestCase):
+  M13, M25 = bce_jax.TopKMetric(ks=(1, 3)), bce_jax.TopKMetric(ks=(2, 5))
+
+  def _state(self, m):
+    return m.update(m.init(), *_ranked(8, 12, 5, seed=4))
+
+  @parameterized.parameters(True, False)
+  def test_other_ks_is_refused(self, jit):
+    m, other = self.M13, self._state(self.M25)  # same shapes, other ks
+    wrap = jax.jit if jit else (lambda f: f)
+    made_by = r"`{}` was made by TopKMetric\(ks=\(2, 5\)\), not by this metric, TopKMetric"
+    ids, positives = _ranked(8, 12, 5, seed=5)
+    calls = (
+      ("state", lambda: wrap(m.update)(other, ids, positives)),
+      ("state", lambda: wrap(m.result)(other)),
+      ("others\\[0\\]", lambda: wrap(m.merge)(m.init(), other)),
+      ("states", lambda: wrap(m.reduce)(jax.tree_util.tree_map(lambda a: a[None], other))),
+    )
+    for argname, call in calls:
+      with self.assertRaisesRegex(ValueError, made_by.format(argname)):
+        call()
+    # The name labels a metric in logs: a renamed or rebuilt metric accepts the state.
+    renamed = bce_jax.TopKMetric(ks=(2, 5), name="val_top_k")
+    rebuilt = bce_jax.TopKMetric.from_config(self.M25.get_config())
+    for metric in (renamed, rebuilt):
+      self.assertEqual(metric.result(other), self.M25.result(other))
+
+  def test_state_of_another_metric_class_is_refused(self):
+    bce = bce_jax.BinaryCrossentropyMetric()
+    with self.assertRaisesRegex(TypeError, "`state` must be a bce_jax.MetricState"):
+      bce.result(self._state(self.M13))
+    with self.assertRaisesRegex(TypeError, "`state` must be a bce_jax.TopKState"):
+      self.M13.result(bce.init())
+    hand = bce_jax.TopKState(*jax.tree_util.tree_leaves(self.M13.init()))
+    with self.assertRaisesRegex(ValueError, "made by no metric"):
+      self.M13.result(hand)
+
+  def test_tag_is_static_through_transforms(self):
+    m = self.M13
+    state = self._state(m)
+    self.assertLen(jax.tree_util.tree_leaves(state), 6)
+    self.assertNotEqual(
+      jax.tree_util.tree_structure(state), jax.tree_util.tree_structure(self.M25.init())
+    )
+    ids, positives = _ranked(8, 12, 5, seed=6)
+    parts = [m.update(m.init(), ids[i : i + 4], positives[i : i + 4]) for i in (0, 4)]
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *parts)
+    summed = jax.vmap(lambda s: jax.lax.psum(s, "i"), axis_name="i")(stacked)
+    batched = jax.vmap(lambda i, p: m.update(m.init(), i, p))(
+      ids.reshape(2, 4, 5), positives.reshape(2, 4, 4)
+    )
+    scanned = jax.lax.scan(
+      lambda s, b: (m.update(s, *b), None),
+      m.init(),
+      (ids.reshape(2, 4, 5), positives.reshape(2, 4, 4)),
+    )[0]
+    donated = jax.jit(m.update, donate_argnums=0)(m.init(), ids, positives)
+    whole = m.result(m.update(m.init(), ids, positives))
+    for got in (summed, batched, scanned, donated):
+      self.assertEqual(got.metric, state.metric)
+    self.assertEqual(m.result(jax.tree_util.tree_map(lambda a: a[0], summed)), whole)
+    self.assertEqual(m.result(jax.jit(m.reduce)(batched)), whole)
+    self.assertEqual(m.result(scanned), whole)
+
+  def test_pickle(self):
+    state = self._state(self.M13)
+    back = pickle.loads(pickle.dumps(state))
+    self.assertEqual(back.metric, state.metric)
+    self.assertEqual(self.M13.result(back), self.M13.result(state))
+
+  def test_flax_serialization(self):
+    try:
+      from flax import serialization
+    except ImportError:
+      self.skipTest("flax is not installed (it is in the examples extra)")
+    state = self._state(self.M13)  # made with flax loaded: registered
+    saved = serialization.to_bytes({"step": 3, "top_k": state})
+    restored = serialization.from_bytes({"step": 0, "top_k": self.M13.init()}, saved)["top_k"]
+    self.assertIsInstance(restored, bce_jax.TopKState)
+    self.assertEqual(restored.metric, state.metric)
+    for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):
+      np.testing.assert_array_equal(a, b)
+    self.M13.update(restored, *_ranked(4, 12, 5, seed=7))  # it keeps working
+    self.assertIn("metric", serialization.to_state_dict(state))
+    with self.assertRaisesRegex(ValueError, r"saved state was made by TopKMetric\(ks=\(1, 3\)\)"):
+      serialization.from_bytes(self.M25.init(), serialization.to_bytes(state))
 
 
 if __name__ == "__main__":
