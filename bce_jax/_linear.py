@@ -248,9 +248,8 @@ def linear_binary_crossentropy(
   h, w, bias = check_features(h, w, bias)
   lists, mask = _check_rows(h, positives, mask)
   label_reduction = _check_label_reduction(label_reduction)
-  block_size = checks.check_block_size(block_size, "labels")
-  axis_name, precision = checks.check_axis_name(axis_name), checks.check_precision(precision)
-  implementation = backend.check_implementation(implementation)
+  options = checks.check_options(block_size, axis_name, precision, implementation, "labels")
+  block_size, axis_name, precision, implementation = options
   devices = checks.axis_size(axis_name, "label space")
   rows, local_labels = h.shape[0], w.shape[0]
   labels = local_labels * devices
@@ -331,11 +330,7 @@ class LinearBinaryCrossentropy(Config):
   def __post_init__(self) -> None:
     super().__post_init__()
     object.__setattr__(self, "label_reduction", _check_label_reduction(self.label_reduction))
-    object.__setattr__(self, "block_size", checks.check_block_size(self.block_size, "labels"))
-    object.__setattr__(self, "axis_name", checks.check_axis_name(self.axis_name))
-    object.__setattr__(self, "precision", checks.check_precision(self.precision))
-    impl = backend.check_implementation(self.implementation)
-    object.__setattr__(self, "implementation", impl)
+    checks.check_config_options(self, "labels")
 
   def __call__(
     self,

@@ -346,10 +346,8 @@ def pairwise_sigmoid_loss(
   """
   args = _args.check_inputs(x, y, scale, bias, positives, mask)
   x, y, mask = args.x, args.y, args.mask
-  block_size = checks.check_block_size(block_size, "rows")
-  axis_name = checks.check_axis_name(axis_name)
-  precision = checks.check_precision(precision)
-  implementation = _backend.check_implementation(implementation)
+  options = checks.check_options(block_size, axis_name, precision, implementation, "rows")
+  block_size, axis_name, precision, implementation = options
   devices, rows = checks.axis_size(axis_name, "batch"), x.shape[0]
   dtype = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
   rows_ok = None if mask is None else mask[:, None]  # padding may hold anything
@@ -436,11 +434,7 @@ class PairwiseSigmoidLoss(Config):
 
   def __post_init__(self) -> None:
     super().__post_init__()
-    object.__setattr__(self, "block_size", checks.check_block_size(self.block_size, "rows"))
-    object.__setattr__(self, "axis_name", checks.check_axis_name(self.axis_name))
-    object.__setattr__(self, "precision", checks.check_precision(self.precision))
-    impl = _backend.check_implementation(self.implementation)
-    object.__setattr__(self, "implementation", impl)
+    checks.check_config_options(self, "rows")
 
   def __call__(
     self, x: ArrayLike, y: ArrayLike, scale, bias, positives=None, mask=None
