@@ -143,13 +143,21 @@ def _check_rows(h: jax.Array, positives: Any, mask: Any) -> tuple[jax.Array, jax
   if positives.ndim != 2 or positives.shape[0] != h.shape[0]:
     msg = f"one row of label ids per row of h, -1 padding; got shape {positives.shape}."
     raise ValueError(f"`positives` must have shape [batch, K]=({h.shape[0]}, K), {msg}")
-  if mask is not None:
-    mask = _validate.as_array("mask", mask)
-    if mask.dtype != jnp.bool_:
-      raise TypeError(f"`mask` must be a bool array (True = row included); got dtype {mask.dtype}.")
-    if mask.shape != (h.shape[0],):
-      raise ValueError(f"`mask` must have shape [batch]=({h.shape[0]},); got shape {mask.shape}.")
-  return positives.astype(jnp.int32), mask
+  return positives.astype(jnp.int32), check_row_mask(mask, h.shape[0])
+
+
+def check_row_mask(mask: Any, rows: int) -> jax.Array | None:
+  """`mask` as a bool ``[rows]`` array (or None): TypeError for another dtype,
+  ValueError for another shape."""
+  if mask is None:
+    return None
+  mask = _validate.as_array("mask", mask)
+  if mask.dtype != jnp.bool_:
+    msg = f"got dtype {mask.dtype}; pass `mask.astype(bool)`."
+    raise TypeError(f"`mask` must be a bool array (True = row included); {msg}")
+  if mask.shape != (rows,):
+    raise ValueError(f"`mask` must have shape [batch]=({rows},); got shape {mask.shape}.")
+  return mask
 
 
 def linear_binary_crossentropy(
@@ -240,9 +248,8 @@ def linear_binary_crossentropy(
   h, w, bias = check_features(h, w, bias)
   lists, mask = _check_rows(h, positives, mask)
   label_reduction = _check_label_reduction(label_reduction)
-  block_size = checks.check_block_size(block_size, "labels")
-  axis_name, precision = checks.check_axis_name(axis_name), checks.check_precision(precision)
-  implementation = backend.check_implementation(implementation)
+  options = checks.check_options(block_size, axis_name, precision, implementation, "labels")
+  block_size, axis_name, precision, implementation = options
   devices = checks.axis_size(axis_name, "label space")
   rows, local_labels = h.shape[0], w.shape[0]
   labels = local_labels * devices
@@ -323,11 +330,7 @@ class LinearBinaryCrossentropy(Config):
   def __post_init__(self) -> None:
     super().__post_init__()
     object.__setattr__(self, "label_reduction", _check_label_reduction(self.label_reduction))
-    object.__setattr__(self, "block_size", checks.check_block_size(self.block_size, "labels"))
-    object.__setattr__(self, "axis_name", checks.check_axis_name(self.axis_name))
-    object.__setattr__(self, "precision", checks.check_precision(self.precision))
-    impl = backend.check_implementation(self.implementation)
-    object.__setattr__(self, "implementation", impl)
+    checks.check_config_options(self, "labels")
 
   def __call__(
     self,

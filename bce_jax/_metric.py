@@ -221,7 +221,7 @@ class BinaryFocalCrossentropyMetric(Metric):
 
 
 @functools.lru_cache(maxsize=256)
-def _tag(metric: Metric) -> str:
+def _tag(metric: Config) -> str:
   """What a state records of the metric that made it: its class and configuration.
 
   The name is left out: it labels a metric in logs and does not change what

@@ -59,18 +59,26 @@ DATA_FIELDS = ("total", "total_err", "count", "count_err")
 jax.tree_util.register_dataclass(MetricState, data_fields=list(DATA_FIELDS), meta_fields=["metric"])
 
 
-def _state_dict(state: MetricState) -> dict[str, Any]:
+def _data_fields(state: Any) -> list[str]:
+  """The array fields of a tagged state (every field but the static `metric`)."""
+  return [f.name for f in dataclasses.fields(state) if f.name != "metric"]
+
+
+def _state_dict(state: Any) -> dict[str, Any]:
   serialization = sys.modules["flax.serialization"]
-  out = {name: serialization.to_state_dict(getattr(state, name)) for name in DATA_FIELDS}
+  names = _data_fields(state)
+  out = {name: serialization.to_state_dict(getattr(state, name)) for name in names}
   return {**out, "metric": state.metric}
 
 
-def _from_state_dict(target: MetricState, state: dict[str, Any]) -> MetricState:
+def _from_state_dict(target: Any, state: dict[str, Any]) -> Any:
   serialization = sys.modules["flax.serialization"]
-  expected = {*DATA_FIELDS, "metric"}
+  names = _data_fields(target)
+  expected = {*names, "metric"}
   if set(state) != expected:
     raise ValueError(
-      f"A MetricState's state dict has the keys {sorted(expected)}; got {sorted(state)}."
+      f"A {type(target).__name__}'s state dict has the keys {sorted(expected)}; "
+      f"got {sorted(state)}."
     )
   if state["metric"] != target.metric:
     raise ValueError(
@@ -79,26 +87,27 @@ def _from_state_dict(target: MetricState, state: dict[str, Any]) -> MetricState:
     )
   fields = {
     name: serialization.from_state_dict(getattr(target, name), state[name], name=name)
-    for name in DATA_FIELDS
+    for name in names
   }
   return dataclasses.replace(target, **fields)
 
 
-_FLAX_REGISTERED: list[bool] = []
+_FLAX_REGISTERED: set[type] = set()
 
 
-def _flax_registration() -> None:
-  """Registers MetricState with ``flax.serialization`` once flax is loaded.
+def _flax_registration(cls: type = MetricState) -> None:
+  """Registers `cls`, a state with a static `metric` tag, with ``flax.serialization``
+  once flax is loaded.
 
   bce_jax never imports flax: it looks for the module each time a state is
   made, until flax has been imported elsewhere (a dict lookup).
   """
-  if _FLAX_REGISTERED:
+  if cls in _FLAX_REGISTERED:
     return
   register = getattr(sys.modules.get("flax.serialization"), "register_serialization_state", None)
   if register is not None:
-    register(MetricState, _state_dict, _from_state_dict, override=True)
-    _FLAX_REGISTERED.append(True)
+    register(cls, _state_dict, _from_state_dict, override=True)
+    _FLAX_REGISTERED.add(cls)
 
 
 def leaves(state: MetricState) -> tuple[Any, Any, Any, Any]:
@@ -161,16 +170,18 @@ def check_state(state: Any, tag: str, argname: str = "state", stacked: bool = Fa
     raise ValueError(
       f"The fields of `{argname}` have different shapes: {sorted(map(str, shapes))}."
     )
-  if state.metric != tag:
-    made_by = (
-      "no metric (its `metric` is None: built by hand)"
-      if state.metric is None
-      else f"{state.metric}"
-    )
-    raise ValueError(
-      f"`{argname}` was made by {made_by}, not by this metric, {tag}. States of different "
-      f"metrics or configurations measure different things and are never combined: pass a "
-      f"state from this metric's init() and update() (a metric rebuilt with "
-      f"from_config(get_config()), or with another `name`, accepts it)."
-    )
+  check_tag(state.metric, tag, argname)
   return state
+
+
+def check_tag(made_by: str | None, tag: str, argname: str = "state") -> None:
+  """A ValueError unless a state's `metric` tag, `made_by`, is `tag` (this metric's)."""
+  if made_by == tag:
+    return
+  who = "no metric (its `metric` is None: built by hand)" if made_by is None else made_by
+  raise ValueError(
+    f"`{argname}` was made by {who}, not by this metric, {tag}. States of different "
+    f"metrics or configurations measure different things and are never combined: pass a "
+    f"state from this metric's init() and update() (a metric rebuilt with "
+    f"from_config(get_config()), or with another `name`, accepts it)."
+  )

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from bce_jax import _linear, _validate
+from bce_jax import _linear, _state, _validate
 from bce_jax._config import Config
-from bce_jax._metric import _add, _split
+from bce_jax._metric import _add, _split, _tag
 from bce_jax._tiles import checks, xla
 
 _STATE_DTYPE = jnp.float32
@@ -49,7 +49,14 @@ def top_k_labels(
 
   Scores ``<h_b, w_c> + bias_c`` are computed tile by tile; a running
   ``[B, k]`` top-k is merged with each tile's, and across label shards.
-  Ties go to the lower label id.
+
+  Every id returned is a real label id in ``[0, C)``, whatever the scores:
+  -inf is a score like any other, so a row with fewer than `k` finite
+  scores (or none) is filled with its -inf labels. Higher scores come first;
+  equal scores go to the lower label id, and -0.0 equals 0.0. A nan score
+  ranks as -inf (after every number, tied with -inf by label id) and is
+  returned as nan, so ``jnp.isnan(scores).any()`` finds it. This is the
+  order of a stable NumPy argsort of ``-where(isnan(s), -inf, s)``.
 
   Args:
     h: features ``[B, D]``, any float dtype.
@@ -103,7 +110,7 @@ def top_k_labels(
     # Every shard's top-k, shard 0 first (lower ids win ties), then the best k.
     all_scores = jax.lax.all_gather(scores, axis_name, axis=1, tiled=True)
     all_ids = jax.lax.all_gather(ids, axis_name, axis=1, tiled=True)
-    scores, where = jax.lax.top_k(all_scores, k)
+    scores, where = xla.best_k(all_scores, k)
     ids = jnp.take_along_axis(all_ids, where, axis=1)
     # Equal on every device; device 0's copy, summed over the axis, is typed
     # as replicated (and differentiable, unlike a max).
@@ -113,7 +120,6 @@ def top_k_labels(
   return scores.astype(jnp.float32), ids
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TopKState:
   """The state of a :class:`TopKMetric`: float32 sums, each with its rounding error.
@@ -122,6 +128,14 @@ class TopKState:
     precision, precision_err: ``[len(ks)]``, the sum of the rows' precision@k.
     ndcg, ndcg_err: ``[len(ks)]``, the sum of the rows' nDCG@k.
     count, count_err: scalars, the number of rows.
+    metric: the metric and configuration that made the state, as a string
+      (static: part of the tree structure, not a leaf), as in
+      :class:`bce_jax.MetricState`. A metric refuses a state that another
+      metric or configuration (other `ks`) made, also under ``jax.jit``.
+
+  A pytree of six arrays: a ``lax.scan`` carry, batched under ``vmap``,
+  summed across devices with ``jax.lax.psum``, donated, pickled, and saved
+  with ``flax.serialization`` as a :class:`bce_jax.MetricState` is.
   """
 
   precision: jax.Array
@@ -130,6 +144,15 @@ class TopKState:
   ndcg_err: jax.Array
   count: jax.Array
   count_err: jax.Array
+  _: dataclasses.KW_ONLY
+  metric: str | None = None
+
+  def __post_init__(self) -> None:
+    _state._flax_registration(TopKState)
+
+
+_DATA_FIELDS = ("precision", "precision_err", "ndcg", "ndcg_err", "count", "count_err")
+jax.tree_util.register_dataclass(TopKState, data_fields=list(_DATA_FIELDS), meta_fields=["metric"])
 
 
 def _check_ks(ks: Any) -> tuple[int, ...]:
@@ -138,10 +161,9 @@ def _check_ks(ks: Any) -> tuple[int, ...]:
     ks = tuple(ks)
   except TypeError:
     raise TypeError(f"`ks` must be an int or a sequence of ints >= 1; got {ks!r}.") from None
-  bad = [
-    k for k in ks if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1
-  ]
-  if not ks or bad:
+  if any(isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) for k in ks):
+    raise TypeError(f"`ks` must be an int or a sequence of ints >= 1; got {ks!r}.")
+  if not ks or min(ks) < 1:
     raise ValueError(f"`ks` must be a non-empty sequence of ints >= 1; got {ks!r}.")
   return tuple(int(k) for k in ks)
 
@@ -179,6 +201,7 @@ def _merge_two(a: TopKState, b: TopKState) -> TopKState:
     *_add(a.precision, a.precision_err, b.precision, b.precision_err),
     *_add(a.ndcg, a.ndcg_err, b.ndcg, b.ndcg_err),
     *_add(a.count, a.count_err, b.count, b.count_err),
+    metric=a.metric,
   )
 
 
@@ -222,7 +245,7 @@ class TopKMetric(Config):
     """An empty state; its results are 0. No two leaves share a buffer."""
     n = len(self.ks)
     z = lambda *shape: jnp.zeros(shape, _STATE_DTYPE)
-    return TopKState(z(n), z(n), z(n), z(n), z(), z())
+    return TopKState(z(n), z(n), z(n), z(n), z(), z(), metric=_tag(self))
 
   def _check_state(self, state: Any, argname: str = "state", stacked: bool = False) -> TopKState:
     if not isinstance(state, TopKState):
@@ -230,13 +253,14 @@ class TopKMetric(Config):
       raise TypeError(f"`{argname}` must be a bce_jax.TopKState (from metric.init()); {msg}")
     lead = (getattr(state.count, "shape", (None,))[:1]) if stacked else ()
     want = {"count": lead, "count_err": lead}
-    for field in dataclasses.fields(TopKState):
-      value = getattr(state, field.name)
-      shape = want.get(field.name, (*lead, len(self.ks)))
+    for name in _DATA_FIELDS:
+      value = getattr(state, name)
+      shape = want.get(name, (*lead, len(self.ks)))
       if getattr(value, "shape", None) != shape or getattr(value, "dtype", None) != _STATE_DTYPE:
         got = f"got shape {getattr(value, 'shape', None)} and dtype {getattr(value, 'dtype', None)}"
         what = f"float32 of shape {shape}" + (" (states stacked on axis 0)" if stacked else "")
-        raise ValueError(f"`{argname}.{field.name}` must be {what} for ks={self.ks}; {got}.")
+        raise ValueError(f"`{argname}.{name}` must be {what} for ks={self.ks}; {got}.")
+    _state.check_tag(state.metric, _tag(self), argname)
     return state
 
   def update(
@@ -250,6 +274,11 @@ class TopKMetric(Config):
         with ``k >= max(ks)``.
       positives: int ``[B, K]`` positive label ids, ``-1`` for padding.
       mask: optional bool ``[B]``: rows to include.
+
+    Raises:
+      TypeError: for non-integer `ids` or `positives`, a non-bool `mask`, or
+        a `state` that is not a :class:`TopKState`.
+      ValueError: for shapes that do not fit, or a state of other `ks`.
     """
     state = self._check_state(state)
     ids, positives = _validate.as_array("ids", ids), _validate.as_array("positives", positives)
@@ -264,11 +293,7 @@ class TopKMetric(Config):
     if positives.shape[0] != ids.shape[0]:
       msg = f"got ids {ids.shape} and positives {positives.shape}."
       raise ValueError(f"`ids` and `positives` must have the same number of rows; {msg}")
-    if mask is not None:
-      mask = _validate.as_array("mask", mask)
-      if mask.dtype != jnp.bool_ or mask.shape != (ids.shape[0],):
-        msg = f"got {mask.dtype} {mask.shape}."
-        raise ValueError(f"`mask` must be a bool array of shape [batch]=({ids.shape[0]},); {msg}")
+    mask = _linear.check_row_mask(mask, ids.shape[0])
     prec, ndcg, count = _row_scores(self.ks, ids, positives, mask)
     batch = TopKState(*_split(prec), *_split(ndcg), *_split(count))
     return _merge_two(state, batch)

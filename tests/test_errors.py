@@ -723,3 +723,51 @@ class CheckedTest(chex.TestCase):
     self.assertEqual(float(safe(p)), float(jnp.sum(bce_jax.binary_crossentropy(y, p))))
     with self.assertRaisesRegex(TypeError, r"checked\(jax\.jit\(f\)\)"):
       transform(safe)(jnp.stack([p, p]) if transform is jax.vmap else p)
+
+
+_E = np.ones((2, 3), np.float32)
+_TILE_LOSSES = {  # the object, the function with good arrays, what a tile counts
+  "pairwise": (
+    bce_jax.PairwiseSigmoidLoss,
+    lambda **kw: bce_jax.pairwise_sigmoid_loss(_E, _E, scale=1.0, bias=0.0, **kw),
+    "rows",
+  ),
+  "linear": (
+    bce_jax.LinearBinaryCrossentropy,
+    lambda **kw: bce_jax.linear_binary_crossentropy(_E, _E, np.zeros((2, 1), np.int32), **kw),
+    "labels",
+  ),
+}
+
+
+class TileOptionsTest(parameterized.TestCase):
+  """The pairwise and linear losses check their four tile options alike, as
+  objects (at construction) and as functions (at the call, jitted or not)."""
+
+  @parameterized.product(
+    loss=("pairwise", "linear"),
+    bad=(
+      ("block_size", 0, ValueError, r"`block_size` must be >= 1 \({unit} per tile\)"),
+      ("block_size", 1.5, TypeError, r"`block_size` must be an int >= 1 \({unit} per tile\)"),
+      ("axis_name", 3, TypeError, "`axis_name` must be a mesh axis name"),
+      ("precision", "best", ValueError, "`precision` must be None, a jax.lax.Precision"),
+      ("implementation", "triton", ValueError, "`implementation` must be one of"),
+    ),
+  )
+  def test_object_and_function_refuse_alike(self, loss, bad):
+    cls, function, unit = _TILE_LOSSES[loss]
+    name, value, error, pattern = bad
+    pattern = pattern.format(unit=unit)
+    with self.assertRaisesRegex(error, pattern):
+      cls(**{name: value})
+    with self.assertRaisesRegex(error, pattern):
+      function(**{name: value})
+    with self.assertRaisesRegex(error, pattern):
+      jax.jit(lambda: function(**{name: value}))()
+
+  @parameterized.parameters("pairwise", "linear")
+  def test_object_normalizes(self, loss):
+    cls = _TILE_LOSSES[loss][0]
+    obj = cls(block_size=np.int64(8), axis_name=["a", "b"], precision=jax.lax.Precision.HIGHEST)
+    got = (obj.block_size, type(obj.block_size), obj.axis_name, obj.precision, obj.implementation)
+    self.assertEqual(got, (8, int, ("a", "b"), "highest", None))

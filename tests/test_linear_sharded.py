@@ -7,7 +7,8 @@ One subprocess (JAX fixes its device count at start) runs, under
 * value and ``jax.grad`` in h, w and bias equal the single-device call and
   the float64 reference, for tiles that divide the shard and that do not,
   with masked nan rows, "sum" and "mean", with and without ``check_vma``;
-* ``top_k_labels`` returns the global top-k on every device;
+* ``top_k_labels`` returns the global top-k on every device, also with
+  -inf scores filling k and a nan score (ranked as -inf);
 * ``TopKMetric`` states ``psum``-ed over a batch axis equal ``merge``.
 """
 
@@ -70,8 +71,13 @@ _SCRIPT = textwrap.dedent(
           "masked_dh_zero": bool(np.all(dh[~mask] == 0)),
       }
 
-    # top-k over the shards, every device's copy.
-    for block in (None, 7):
+    # top-k over the shards, every device's copy; then a bias that leaves 4
+    # finite scores (in shards 1 and 5) and a nan (shard 2): the rest are -inf
+    # ids, lowest first, with the nan ranked as -inf.
+    odd = np.full(labels, -np.inf, np.float32)
+    odd[[40, 41, 200, 201]] = b[[40, 41, 200, 201]]
+    odd[80] = np.nan
+    for case, block, bias in ((None, None, b), (7, 7, b), ("inf_nan", 5, odd)):
       def topk(h, w, b):
         s, i = bce_jax.top_k_labels(h, w, 6, bias=b, block_size=block, axis_name="labels")
         return s, i, i[None]
@@ -79,14 +85,19 @@ _SCRIPT = textwrap.dedent(
       mapped = jax.shard_map(topk, mesh=mesh, in_specs=(P(), P("labels"), P("labels")),
                              out_specs=(P(), P(), P("labels")))
       with jax.set_mesh(mesh):
-        scores, ids, copies = jax.jit(mapped)(put(h, P()), put(w, P("labels")), put(b, P("labels")))
-      dense = h.astype(np.float64) @ w.T.astype(np.float64) + b
-      want = np.argsort(-dense, axis=1, kind="stable")[:, :6]
+        scores, ids, copies = jax.jit(mapped)(put(h, P()), put(w, P("labels")),
+                                              put(bias, P("labels")))
+      dense = h.astype(np.float64) @ w.T.astype(np.float64) + bias
+      want = np.argsort(-np.where(np.isnan(dense), -np.inf, dense), axis=1, kind="stable")[:, :6]
+      want_scores = np.take_along_axis(dense, want, axis=1)
+      finite = np.isfinite(want_scores)
       copies = np.asarray(copies)
-      out[f"topk/{block}"] = {
+      out[f"topk/{case}"] = {
           "ids_equal": bool(np.array_equal(ids, want)),
           "copies_equal": bool(all(np.array_equal(c, want) for c in copies)),
-          "scores_rel": rel(scores, np.take_along_axis(dense, want, axis=1)),
+          "scores_rel": rel(np.asarray(scores)[finite], want_scores[finite]),
+          "nonfinite_equal": bool(np.array_equal(np.asarray(scores)[~finite],
+                                                 want_scores[~finite], equal_nan=True)),
       }
 
     # The metric: states psum-ed over a batch axis equal one update.
@@ -115,7 +126,7 @@ class EightDevicesTest(absltest.TestCase):
     output = f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-4000:]}"
     self.assertEqual(proc.returncode, 0, output)
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    self.assertLen(results, 6, output)
+    self.assertLen(results, 7, output)
     for case, result in results.items():
       with self.subTest(case=case):
         if case.startswith("loss/"):
@@ -128,6 +139,7 @@ class EightDevicesTest(absltest.TestCase):
           self.assertTrue(result["ids_equal"], result)
           self.assertTrue(result["copies_equal"], result)
           self.assertLess(result["scores_rel"], 1e-5, result)
+          self.assertTrue(result["nonfinite_equal"], result)
         else:
           self.assertLess(result["rel"], 1e-6, result)
 

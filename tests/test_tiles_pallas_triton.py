@@ -7,8 +7,13 @@
 * the value-only call gives the same loss; jitted and eager agree;
 * a hypothesis property: with the symmetric rules, swapping ``a`` and ``b``
   swaps ``da`` and ``db`` and keeps the rest;
+* ``da_dtype``/``db_dtype`` with ``da_scale``/``db_scale``: the kernels
+  write the scaled derivatives in bfloat16 (the float32 sums cast once, the
+  partial sums of column chunks and of the XLA tail added in float32), as
+  accurate against float64 as the float32 outputs rounded once;
 * the program cross-lowered for CUDA holds one Triton kernel call per
-  sweep (two with the derivatives);
+  sweep (two with the derivatives), and with bfloat16 derivatives no
+  float32 ``[B, D]`` buffer: half the bytes a caller keeps;
 * bad configurations and inputs raise.
 
 Shapes are small: each kernel shape compiles once, and interpret mode runs
@@ -190,6 +195,68 @@ class AgainstReferenceTest(parameterized.TestCase):
     eager, jitted = _sweep("diagonal", 16, jit=False)(*args), _sweep("diagonal", 16)(*args)
     for name in jitted:
       np.testing.assert_allclose(eager[name], jitted[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+@needs_triton
+class SixteenBitDerivativesTest(parameterized.TestCase):
+  """``da_dtype`` and ``db_dtype``: ``c g b`` and ``c g^T a`` written in bfloat16."""
+
+  @parameterized.named_parameters(
+    # name, rows, cols, dim, rule, column chunks, unpadded columns (an XLA tail)
+    ("written_once", 37, 37, 24, "diagonal", 1, False),
+    ("column_chunks", 21, 50, 24, "ids", 3, False),
+    ("xla_tail", 21, 50, 16, "lists", 1, True),
+  )
+  def test_equal_float32_sums_cast_once(self, rows, cols, dim, rule, chunks, unpadded):
+    a, b, bias, kw, (positive, _, _) = _case(rows, cols, dim, rule)
+    a_in, b_in = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+    config = pallas_triton_config.Config(block_rows=16, block_cols=16, col_chunks=chunks)
+    args = (a_in, b_in, jnp.float32(SCALE), jnp.asarray(bias))
+    common = dict(rule=rule, config=config, unpadded_columns=unpadded, interpret=True, **kw)
+    run = jax.jit(lambda *a: pallas_triton.parts(*a, **common))
+    wide = run(*args)
+    c = jnp.float32(SCALE)
+    narrow = jax.jit(
+      lambda *a: pallas_triton.parts(
+        *a, da_scale=c, db_scale=c, da_dtype=jnp.bfloat16, db_dtype=jnp.bfloat16, **common
+      )
+    )(*args)
+    want = _reference.bilinear_sweep(
+      np.asarray(a_in, np.float64), np.asarray(b_in, np.float64), SCALE, bias, positive
+    )
+    for name, ref_name in (("g_b", "da"), ("gt_a", "db")):
+      self.assertEqual(narrow[name].dtype, jnp.bfloat16, name)
+      # The same float32 sums, scaled and rounded once.
+      np.testing.assert_array_equal(narrow[name], (c * wide[name]).astype(jnp.bfloat16), name)
+      self.assertLess(_rel(narrow[name], want[ref_name]), TOL["bfloat16"], name)
+    for name in ("loss", "g_rows", "g_cols", "gdot_rows"):
+      np.testing.assert_array_equal(narrow[name], wide[name], name)
+
+  def test_no_float32_rows_by_dim_buffer_for_cuda(self):
+    # Rows x D = 4096 x 512 in one chunk (a big batch), lowered for CUDA: the
+    # derivatives a caller keeps are bfloat16, half the float32 bytes.
+    rows, dim = 4096, 512
+    x = jax.ShapeDtypeStruct((rows, dim), jnp.bfloat16)
+    config = pallas_triton_config.Config(block_rows=64, block_cols=64, col_chunks=1)
+
+    def run(a, b, **kw):
+      out = pallas_triton.parts(a, b, jnp.float32(SCALE), jnp.float32(BIAS), config=config, **kw)
+      return out["g_b"], out["gt_a"]
+
+    c = jnp.float32(SCALE)
+    narrow = functools.partial(
+      run, da_scale=c, db_scale=c, da_dtype=jnp.bfloat16, db_dtype=jnp.bfloat16
+    )
+    texts = {}
+    for name, fn in (("float32", run), ("bfloat16", narrow)):
+      try:
+        texts[name] = jax.jit(fn).trace(x, x).lower(lowering_platforms=("cuda",)).as_text()
+      except Exception as error:  # noqa: BLE001 - a CPU-only jaxlib may not lower for CUDA
+        self.skipTest(f"this jaxlib cannot lower Pallas-Triton for CUDA: {error!r:.200}")
+    kept = lambda text, dtype: text.count(f"{rows}x{dim}x{dtype}>")
+    self.assertGreater(kept(texts["float32"], "f32"), 0)  # the test can tell
+    self.assertEqual(kept(texts["bfloat16"], "f32"), 0)
+    self.assertGreater(kept(texts["bfloat16"], "bf16"), 0)
 
 
 @needs_triton

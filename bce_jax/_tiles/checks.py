@@ -1,7 +1,8 @@
 """Configuration checks shared by the tile-swept losses (pairwise, linear, top-k).
 
 In Python, at every call and in the loss objects' ``__post_init__``: tile
-sizes, the ``shard_map`` axis a loss is sharded over, and matmul precision.
+sizes, the ``shard_map`` axis a loss is sharded over, matmul precision and
+the implementation (:func:`check_options` checks all four at once).
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from bce_jax._tiles import backend
+
+OPTIONS = ("block_size", "axis_name", "precision", "implementation")
 
 
 def check_block_size(block_size: Any, unit: str) -> int | None:
@@ -70,3 +75,26 @@ def check_precision(precision: Any) -> str | None:
       f"`precision` must be None, a jax.lax.Precision or one of its names ('default', 'high', "
       f"'highest', as jnp.dot takes); got {precision!r}."
     ) from None
+
+
+def check_options(
+  block_size: Any, axis_name: Any, precision: Any, implementation: Any, unit: str
+) -> tuple[int | None, Hashable | None, str | None, Any]:
+  """The :data:`OPTIONS` of a tile-swept loss, checked and normalized, in that
+  order; `unit` says what a tile counts (rows, labels)."""
+  return (
+    check_block_size(block_size, unit),
+    check_axis_name(axis_name),
+    check_precision(precision),
+    backend.check_implementation(implementation),
+  )
+
+
+def check_config_options(config: Any, unit: str) -> None:
+  """Checks and normalizes the :data:`OPTIONS` fields of a frozen loss object, in place
+  (for its ``__post_init__``)."""
+  values = check_options(
+    config.block_size, config.axis_name, config.precision, config.implementation, unit
+  )
+  for name, value in zip(OPTIONS, values):
+    object.__setattr__(config, name, value)

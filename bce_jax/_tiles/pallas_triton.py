@@ -24,6 +24,12 @@ Design:
   row blocks x column chunks (:mod:`.pallas_triton_config`), each chunk
   writing float32 partial row sums that are added here, at most 64 MiB of
   them. One chunk (a big batch) gives the sums of one walk.
+* **Derivatives in 16 bits.** Where each row's ``g b`` is written once (one
+  chunk) the row kernel can scale it and write it in the inputs' 16-bit
+  dtype (`da_scale`, `da_dtype`), as the column kernel does ``g^T a``
+  (`db_scale`, `db_dtype`): float32 inside the kernel, one rounding, and
+  half the ``[B, D]`` bytes (B = 65,536, D = 512: 128 MiB instead of 256).
+  Partial sums stay float32 until they are added.
 * **Masks, not branches.** Excluded rows and columns (``row_mask``,
   ``col_mask``) and padding enter every tile as a select, so they are
   neither anchors nor negatives; their rows of ``a`` and ``b`` are zeroed
@@ -139,6 +145,8 @@ def parts(
   precision: Any = None,
   db_scale: jax.Array | None = None,
   db_dtype: Any = jnp.float32,
+  da_scale: jax.Array | None = None,
+  da_dtype: Any = jnp.float32,
   unpadded_columns: bool = False,
   config: Config | None = None,
   interpret: bool | None = None,
@@ -148,6 +156,12 @@ def parts(
   `db_scale` (a scalar, or None for 1) multiplies ``gt_a`` in the kernel,
   which writes it in `db_dtype`: a caller that needs ``c g^T a`` in the
   columns' dtype (the linear loss's ``dW``) then holds no float32 copy.
+  `da_scale` and `da_dtype` do the same for ``g_b``: the row kernel
+  accumulates in float32, multiplies and writes `da_dtype` where each row is
+  written once (one column chunk, no XLA tail); partial sums (several
+  chunks, or the tail) are written and added in float32, then cast. For
+  16-bit inputs that halves the ``[B, D]`` buffers a caller keeps (e.g. as
+  residuals between a forward and a backward pass).
   `unpadded_columns`: no padded copy of `b` where its rows are no multiple
   of the column block (when ``D`` is a power of two >= 16, `b` already in
   the common dtype and no `col_mask`): the last partial block is an XLA
@@ -158,7 +172,8 @@ def parts(
     the element losses); with `grads`, with ``g = sigmoid(z) - label`` (0
     for excluded pairs): ``g_rows`` ``[B]`` and ``g_cols`` ``[C]`` (its row
     and column sums), ``gdot_rows`` ``[B]`` (row sums of ``g <a_i, b_j>``),
-    ``g_b`` ``[B, D]`` (``g b``) and ``gt_a`` ``[C, D]`` (``g^T a``).
+    ``g_b`` ``[B, D]`` (``g b``, in `da_dtype`) and ``gt_a`` ``[C, D]``
+    (``g^T a``, in `db_dtype`).
   """
   if _pltriton is None:
     raise NotImplementedError(
@@ -190,8 +205,11 @@ def parts(
   else:
     b_p, col_ok = prepare(b, col_mask, cols_p)
   bias_p = _pad(jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (cols,)), cols_p)
-  factor = jnp.ones((), jnp.float32) if db_scale is None else jnp.asarray(db_scale, jnp.float32)
-  scales = jnp.stack([jnp.asarray(scale, jnp.float32).reshape(()), factor.reshape(())])
+  factors = [
+    jnp.ones((), jnp.float32) if f is None else jnp.asarray(f, jnp.float32).reshape(())
+    for f in (db_scale, da_scale)
+  ]
+  scales = jnp.stack([jnp.asarray(scale, jnp.float32).reshape(()), *factors])
   args = [scales, a_p, b_p, bias_p, row_ok, col_ok]
   if rule == "ids":
     if row_ids is None or col_ids is None:
@@ -210,7 +228,9 @@ def parts(
   args = _same_axes(args)
   mma = _mma_dtype(dtype, precision)
   chunks = min(cfg.col_chunks, swept // bn)
-  db_dtype = np.dtype(db_dtype)
+  db_dtype, da_dtype = np.dtype(db_dtype), np.dtype(da_dtype)
+  # Each row's g b is written once by one program, or added up here in float32.
+  da_written = da_dtype if chunks == 1 and not split else np.dtype(np.float32)
   spec = _kernel.Spec(
     rule,
     rows_p,
@@ -224,6 +244,8 @@ def parts(
     chunks,
     db_scale is not None,
     db_dtype,
+    da_scale is not None,
+    da_written,
   )
   params = _pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
   interpret = _INTERPRET if interpret is None else interpret
@@ -253,7 +275,8 @@ def parts(
   col_blocked = {2, 3, 5} | ({7} if rule == "ids" else set())  # b, bias, col_ok, col_ids
   shapes = {"loss": (rows_p,), "g_rows": (rows_p,), "gdot_rows": (rows_p,), "g_b": (rows_p, dim_p)}
   names = (["loss"] if value else []) + (["g_rows", "gdot_rows", "g_b"] if grads else [])
-  row_outs = [_out_type((chunks, *shapes[n]), args[1]) for n in names]
+  dtypes = {"g_b": da_written}
+  row_outs = [_out_type((chunks, *shapes[n]), args[1], dtypes.get(n, jnp.float32)) for n in names]
   found = call(
     functools.partial(_kernel.rows_kernel, spec=spec),
     out_shape=row_outs,
@@ -262,9 +285,10 @@ def parts(
     out_specs=[partial_sum(o) for o in row_outs],
   )(*args)
   found = [v[0] if chunks == 1 else jnp.sum(v, axis=0) for v in found]
-  tail = _tail(spec, args, swept, cols) if split else None
+  tail = _kernel.tail(spec, args, swept, cols) if split else None
   if tail is not None:
     found = [v + tail[n] for n, v in zip(names, found)]
+  found = [v.astype(da_dtype) if n == "g_b" else v for n, v in zip(names, found)]
   out = {n: v[:rows, :dim] if v.ndim == 2 else v[:rows] for n, v in zip(names, found)}
   if not grads:
     return out
@@ -283,47 +307,6 @@ def parts(
     g_cols = jax.lax.dynamic_update_slice_in_dim(g_cols, tail["g_cols"], swept, 0)
     gt_a = jax.lax.dynamic_update_slice_in_dim(gt_a, tail["gt_a"], swept, 0)
   return {**out, "g_cols": g_cols[:cols], "gt_a": gt_a[:cols, :dim]}
-
-
-def _tail(spec: _kernel.Spec, args: list[jax.Array], start: int, cols: int) -> dict[str, Any]:
-  """Columns ``start : cols`` of the kernels' arguments (fewer than a block)
-  as one XLA tile, with the kernels' arithmetic: the row sums to add to the
-  row kernel's and, with grads, the rows of ``g_cols`` and ``gt_a``."""
-  scales, a, b, bias, row_ok = args[:5]
-  b_t = b[start:cols]
-
-  def dot(x, y, contract):
-    dims = (((contract[0],), (contract[1],)), ((), ()))
-    return jax.lax.dot_general(
-      x, y, dims, precision=spec.precision, preferred_element_type=jnp.float32
-    )
-
-  dots = dot(a, b_t, (1, 1))
-  logits = scales[0] * dots + bias[start:cols][None, :]
-  shape = dots.shape
-  if spec.rule == "ids":  # [P, N] ids: every part equal
-    pos = jnp.ones(shape, jnp.bool_)
-    for row_part, col_part in zip(args[6], args[7][:, start:cols]):
-      pos = pos & tile.positive("ids", shape, row_ids=row_part, col_ids=col_part)
-  else:
-    lists = args[6] if spec.rule == "lists" else None
-    pos = tile.positive(spec.rule, shape, col_start=start, lists=lists)
-  ok = jnp.broadcast_to(row_ok[:, None] != 0, shape)
-  out: dict[str, Any] = {"loss": jnp.sum(jnp.where(ok, tile.losses(logits, pos), 0.0), axis=1)}
-  if spec.grads:
-    g = jnp.where(ok, tile.dlogits(logits, pos), 0.0)
-    mma = spec.mma_dtype
-    gt_a = dot(g.astype(mma), a.astype(mma), (0, 0))
-    if spec.db_scaled:
-      gt_a = gt_a * scales[1]
-    out.update(
-      g_rows=jnp.sum(g, axis=1),
-      gdot_rows=jnp.sum(g * dots, axis=1),
-      g_b=dot(g.astype(mma), b_t.astype(mma), (1, 0)),
-      g_cols=jnp.sum(g, axis=0),
-      gt_a=gt_a.astype(spec.db_dtype),
-    )
-  return out
 
 
 def sweep(

@@ -3,8 +3,9 @@
 ``rows_kernel`` runs one program per ``[block_rows]`` block of ``a`` and
 chunk of column blocks (a grid of row blocks x ``col_chunks``) and walks
 over the chunk's column blocks: per-row sums of the losses, of ``g`` and of
-``g <a_i, b_j>`` (for ``dL/dscale``), and ``g b`` for its rows, one partial
-sum a chunk (the wrapper adds them). Chunks give a small batch against a
+``g <a_i, b_j>`` (for ``dL/dscale``), and ``g b`` for its rows (times
+``scale[2]`` where ``da_scaled``), one partial sum a chunk (the wrapper adds
+them); with one chunk each row is written once, in ``da_dtype``. Chunks give a small batch against a
 huge label set enough programs to fill the GPU.
 ``cols_kernel`` runs one program per ``[block_cols]`` block of ``b`` and
 walks over every row block, recomputing the logits: per-column sums of
@@ -14,10 +15,12 @@ walks over every row block, recomputing the logits: per-column sums of
 writes, so no atomics and no tile reaches HBM; the price is the logits'
 matmul twice (four matmuls a tile pair instead of three), as in
 FlashAttention-2's backward pass.
+``tail`` is the same arithmetic as one XLA tile, for the last columns of
+an unpadded ``b`` that make no whole block.
 
 Refs, in order (``*`` marks the block a program owns; the others are whole
 arrays indexed with ``pl.ds``):
-``scale [2]`` (``s`` and the factor of ``g^T a``), ``a [Bp, Dp]``, ``b [Cp, Dp]``, ``bias [Cp]``,
+``scale [3]`` (``s`` and the factors of ``g^T a`` and ``g b``), ``a [Bp, Dp]``, ``b [Cp, Dp]``, ``bias [Cp]``,
 ``row_ok [Bp]``, ``col_ok [Cp]`` (int32, 0 excludes), then
 ``row_ids [P, Bp]``, ``col_ids [P, Cp]`` for the ``"ids"`` rule (``P``
 parts, e.g. the two halves of 64-bit ids; a pair is positive where all
@@ -55,6 +58,8 @@ class Spec:
   col_chunks: int = 1  # the row kernel's second grid axis
   db_scaled: bool = False  # g^T a is multiplied by scale[1] before it is written
   db_dtype: Any = jnp.float32  # the dtype g^T a is written in
+  da_scaled: bool = False  # g b is multiplied by scale[2] before it is written
+  da_dtype: Any = jnp.float32  # the dtype g b is written in (float32 for partial sums)
 
 
 def _unpack(spec: Spec, refs):
@@ -178,7 +183,9 @@ def rows_kernel(*refs, spec: Spec) -> None:
   if spec.grads:
     outs[0][...] = grow
     outs[1][...] = gdot
-    outs[2][...] = gb
+    if spec.da_scaled:
+      gb = gb * scale_ref[2]
+    outs[2][...] = gb.astype(spec.da_dtype)
 
 
 def cols_kernel(*refs, spec: Spec) -> None:
@@ -225,3 +232,45 @@ def cols_kernel(*refs, spec: Spec) -> None:
   if spec.db_scaled:
     db = db * scale_ref[1]
   outs[1][...] = db.astype(spec.db_dtype)
+
+
+def tail(spec: Spec, args: list[jax.Array], start: int, cols: int) -> dict[str, Any]:
+  """Columns ``start : cols`` of the kernels' arguments (fewer than a block)
+  as one XLA tile, with the kernels' arithmetic: the row sums to add to the
+  row kernel's and, with grads, the rows of ``g_cols`` and ``gt_a``."""
+  scales, a, b, bias, row_ok = args[:5]
+  b_t = b[start:cols]
+
+  def dot(x, y, contract):
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return jax.lax.dot_general(
+      x, y, dims, precision=spec.precision, preferred_element_type=jnp.float32
+    )
+
+  dots = dot(a, b_t, (1, 1))
+  logits = scales[0] * dots + bias[start:cols][None, :]
+  shape = dots.shape
+  if spec.rule == "ids":  # [P, N] ids: every part equal
+    pos = jnp.ones(shape, jnp.bool_)
+    for row_part, col_part in zip(args[6], args[7][:, start:cols]):
+      pos = pos & tile.positive("ids", shape, row_ids=row_part, col_ids=col_part)
+  else:
+    lists = args[6] if spec.rule == "lists" else None
+    pos = tile.positive(spec.rule, shape, col_start=start, lists=lists)
+  ok = jnp.broadcast_to(row_ok[:, None] != 0, shape)
+  out: dict[str, Any] = {"loss": jnp.sum(jnp.where(ok, tile.losses(logits, pos), 0.0), axis=1)}
+  if spec.grads:
+    g = jnp.where(ok, tile.dlogits(logits, pos), 0.0)
+    mma = spec.mma_dtype
+    gt_a = dot(g.astype(mma), a.astype(mma), (0, 0))
+    if spec.db_scaled:
+      gt_a = gt_a * scales[1]
+    g_b = dot(g.astype(mma), b_t.astype(mma), (1, 0))
+    out.update(
+      g_rows=jnp.sum(g, axis=1),
+      gdot_rows=jnp.sum(g * dots, axis=1),
+      g_b=g_b * scales[2] if spec.da_scaled else g_b,
+      g_cols=jnp.sum(g, axis=0),
+      gt_a=gt_a.astype(spec.db_dtype),
+    )
+  return out

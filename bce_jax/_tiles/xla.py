@@ -212,6 +212,27 @@ def sweep(
   return carry
 
 
+def rank_key(scores: jax.Array) -> jax.Array:
+  """The values `scores` are ranked by: nan as -inf, -0.0 as 0.0.
+
+  ``lax.top_k`` orders floats totally (nan above +inf or below -inf by its
+  sign bit, -0.0 below 0.0); ranking by this key instead makes equal
+  numbers, -inf and nan tie, and ties go to the lower index.
+  """
+  zero = jnp.zeros((), scores.dtype)
+  key = jnp.where(scores == 0, zero, scores)
+  return jnp.where(jnp.isnan(scores), jnp.full((), -jnp.inf, scores.dtype), key)
+
+
+def best_k(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """The `k` best of each row of `scores` by :func:`rank_key`, and their columns.
+
+  Scores come back as they were (nan stays nan); ties go to the lower column.
+  """
+  where = jax.lax.top_k(rank_key(scores), k)[1]
+  return jnp.take_along_axis(scores, where, axis=1), where
+
+
 def top_k(
   a: jax.Array,
   b: jax.Array,
@@ -224,11 +245,12 @@ def top_k(
 ) -> tuple[jax.Array, jax.Array]:
   """The `k` highest ``<a_i, b_j> + bias_j`` of each row, tile by tile.
 
-  A running ``[B, k]`` top-k is merged with each tile's own top-k; ties go
-  to the lower column index. Returns ``(scores [B, k] float32/64, ids [B, k]
-  int32)``, ids global (`col_offset` added), best first.
+  The first tile's top-k (tiles are at least `k` wide) is merged with each
+  later tile's own top-k, ranked by :func:`rank_key`: ties, -inf and nan
+  included, go to the lower column index, and every id is a real column.
+  Returns ``(scores [B, k] float32/64, ids [B, k] int32)``, ids global
+  (`col_offset` added), best first.
   """
-  rows = a.shape[0]
   cols = b.shape[0]
   operand = jnp.promote_types(a.dtype, b.dtype)
   acc = np.dtype(jnp.promote_types(operand, jnp.float32))
@@ -240,25 +262,25 @@ def top_k(
     sorted(set().union(*(varying_axes(x) for x in (a, b, bias) if x is not None)), key=str)
   )
 
-  def merge(start, size, carry):
-    best, ids = carry
+  def tile_best(start, size):
     b_t = jax.lax.dynamic_slice_in_dim(b, start, size).astype(operand)
     scores = _dot(a, b_t, (1, 1), precision, acc)
     if bias is not None:
       scores = scores + jax.lax.dynamic_slice_in_dim(bias.astype(acc), start, size)
-    kk = min(k, size)
-    t_best, t_idx = jax.lax.top_k(scores, kk)
-    t_ids = (t_idx + start + col_offset).astype(jnp.int32)
-    both, where = jax.lax.top_k(jnp.concatenate([best, t_best], axis=1), k)
-    return both, jnp.take_along_axis(jnp.concatenate([ids, t_ids], axis=1), where, axis=1)
+    t_scores, where = best_k(scores, min(k, size))
+    return t_scores, (where + start + col_offset).astype(jnp.int32)
 
-  carry = (jnp.full((rows, k), -jnp.inf, acc), jnp.full((rows, k), -1, jnp.int32))
+  def merge(start, size, carry):
+    t_scores, t_ids = tile_best(start, size)
+    # The carry (lower ids) comes first, so it wins ties.
+    both, where = best_k(jnp.concatenate([carry[0], t_scores], axis=1), k)
+    return both, jnp.take_along_axis(jnp.concatenate([carry[1], t_ids], axis=1), where, axis=1)
+
+  carry = tile_best(0, block)  # block >= k: no placeholder entries to lose ties to
   if axes:
     carry = (as_varying(carry[0], axes), as_varying(carry[1], axes))
-  if n_full == 1:
-    carry = merge(0, block, carry)
-  elif n_full > 1:
-    carry = jax.lax.fori_loop(0, n_full, lambda i, c: merge(i * block, block, c), carry)
+  if n_full > 1:
+    carry = jax.lax.fori_loop(1, n_full, lambda i, c: merge(i * block, block, c), carry)
   if rest:
     carry = merge(n_full * block, rest, carry)
   return carry
