@@ -54,7 +54,7 @@ class _Plan:
   mode: str
   dtypes: tuple[np.dtype, np.dtype]  # of x and y, for their cotangents
   precision: str | None = None  # of the tiles' dots, by name
-  kernel: bool = False  # each sweep runs the Pallas kernels
+  kernel: bool | str = False  # each sweep runs the Pallas kernels ("mosaic": Mosaic GPU's)
 
   @property
   def padded(self) -> int:
@@ -120,7 +120,9 @@ def _sweep(row, col, s, b, plan: _Plan, *, value: bool, grads: bool):
   sums of the losses and of g, ``sum_j g_ij y_j`` and ``sum_i g_ij x_i``."""
   precision = _backend.lax_precision(plan.precision)
   if plan.kernel:
-    return _backend.kernel_sweep(row, col, s, b, value=value, grads=grads, precision=precision)
+    return _backend.kernel_sweep(
+      row, col, s, b, value=value, grads=grads, precision=precision, kernel=plan.kernel
+    )
   dim, like = row["x"].shape[1], (row, col, s, b)
 
   def row_block(dy, row):
@@ -249,7 +251,7 @@ def pairwise_sigmoid_loss(
   block_size: int | None = None,
   axis_name: Hashable | None = None,
   precision: str | jax.lax.Precision | None = None,
-  implementation: Literal["xla", "pallas"] | None = None,
+  implementation: Literal["xla", "pallas", "mosaic"] | None = None,
 ) -> jax.Array:
   r"""The pairwise sigmoid loss of SigLIP, without the ``[B, B]`` logits.
 
@@ -308,7 +310,8 @@ def pairwise_sigmoid_loss(
     implementation: None: the Pallas kernels where the program is lowered
       for a CUDA GPU (float16, bfloat16 and float32 embeddings), XLA tiles
       elsewhere; ``"xla"``: XLA tiles everywhere; ``"pallas"``: the kernels
-      (a ValueError where they cannot run: no GPU, float64).
+      (a ValueError where they cannot run: no GPU, float64); ``"mosaic"``:
+      the Mosaic-GPU (Hopper) kernels, 16-bit embeddings outside ``shard_map``.
 
   Returns:
     The loss, a scalar: float32, or float64 for float64 inputs.
@@ -349,7 +352,7 @@ def pairwise_sigmoid_loss(
   block_size = checks.check_block_size(block_size, "rows")
   axis_name = checks.check_axis_name(axis_name)
   precision = checks.check_precision(precision)
-  implementation = _backend.check_implementation(implementation)
+  implementation = _backend.check_implementation(implementation, _backend.PAIRWISE_IMPLEMENTATIONS)
   devices, rows = checks.axis_size(axis_name, "batch"), x.shape[0]
   dtype = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
   rows_ok = None if mask is None else mask[:, None]  # padding may hold anything
@@ -373,9 +376,9 @@ def pairwise_sigmoid_loss(
   plan = _Plan(rows, 0, devices, axis_name, _MODE, dtypes, precision)
   on_cuda = dataclasses.replace(plan, block=rows, kernel=True)  # the kernels need no padding
   embeddings = jnp.promote_types(x.dtype, y.dtype)
-  if implementation == "pallas":
-    _backend.check_pallas(embeddings, bool(varying))
-    plans: tuple[_Plan, _Plan | None] = (on_cuda, None)
+  if implementation in ("pallas", "mosaic"):
+    _backend.check_pallas(embeddings, bool(varying), implementation, precision)
+    plans: tuple[_Plan, _Plan | None] = (dataclasses.replace(on_cuda, kernel=implementation), None)
   else:
     if implementation == "xla" or _backend.kernel_refusal(embeddings, bool(varying)):
       on_cuda = dataclasses.replace(plan, block=_backend.choose_block(rows, block_size, "cuda"))
@@ -410,7 +413,7 @@ class PairwiseSigmoidLoss(Config):
     axis_name: the ``shard_map`` mesh axis the batch is sharded over (the
       ring), or None on one device.
     precision: of the matmuls, by name (``"highest"``...), or None.
-    implementation: None (per backend), ``"xla"`` or ``"pallas"``.
+    implementation: None (per backend), ``"xla"``, ``"pallas"`` or ``"mosaic"``.
 
   ``loss(x, y, scale, bias, positives=None, mask=None)`` is
   :func:`pairwise_sigmoid_loss`; ``get_config()`` and ``from_config()``
@@ -432,14 +435,14 @@ class PairwiseSigmoidLoss(Config):
   block_size: int | None = None
   axis_name: Hashable | None = None
   precision: str | None = None
-  implementation: Literal["xla", "pallas"] | None = None
+  implementation: Literal["xla", "pallas", "mosaic"] | None = None
 
   def __post_init__(self) -> None:
     super().__post_init__()
     object.__setattr__(self, "block_size", checks.check_block_size(self.block_size, "rows"))
     object.__setattr__(self, "axis_name", checks.check_axis_name(self.axis_name))
     object.__setattr__(self, "precision", checks.check_precision(self.precision))
-    impl = _backend.check_implementation(self.implementation)
+    impl = _backend.check_implementation(self.implementation, _backend.PAIRWISE_IMPLEMENTATIONS)
     object.__setattr__(self, "implementation", impl)
 
   def __call__(
