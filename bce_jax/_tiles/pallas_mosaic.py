@@ -79,23 +79,25 @@ RULES = ("diagonal", "ids")
 BLOCK = 64  # rows a program owns, and rows of the other side a pipeline step
 CHUNK = 256  # columns of D a program's gradient accumulator holds
 _SMEM = 227 * 1024
+_JAX = tuple(int(p) for p in jax.__version__.split(".")[:2])
 
 
 def available() -> bool:
-  """Whether this jax has the Pallas Mosaic-GPU backend."""
-  return _kernel.plgpu is not None
+  """Whether this jax has the Pallas Mosaic-GPU backend as the kernels use it
+  (``plgpu.kernel`` with ``out_type`` and ``interpret``: jax >= 0.10)."""
+  return _kernel.plgpu is not None and _JAX >= (0, 10)
 
 
 def refusal(dtype: Any, precision: Any = None) -> str | None:
   """Why the kernels cannot take embeddings of `dtype` at `precision`, or None."""
-  if not available():
-    return "this jax has no Pallas Mosaic-GPU backend (jax.experimental.pallas.mosaic_gpu)"
   if np.dtype(dtype) not in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
     return f"they take float16 or bfloat16 embeddings, not {np.dtype(dtype).name}"
   if isinstance(precision, str):
     precision = jax.lax.Precision(precision)
   if precision not in (None, jax.lax.Precision.DEFAULT):
     return f"they run 16-bit MMAs with float32 accumulation, not precision={precision}"
+  if not available():
+    return f"they need jax >= 0.10's jax.experimental.pallas.mosaic_gpu; this is {jax.__version__}"
   return None
 
 
@@ -258,10 +260,15 @@ def sweep(
       no Mosaic-GPU backend.
 
   Examples:
+    The kernels compile for a Hopper GPU (tests run them in Mosaic-GPU
+    interpret mode); what they refuse is known anywhere:
+
     >>> import jax.numpy as jnp
     >>> from bce_jax._tiles import pallas_mosaic
-    >>> a = jnp.eye(2, 64, dtype=jnp.bfloat16)
-    >>> out = pallas_mosaic.sweep(a, a, 2.0, -1.0, grads=False)  # doctest: +SKIP
+    >>> print(pallas_mosaic.refusal(jnp.float32))
+    they take float16 or bfloat16 embeddings, not float32
+    >>> print(pallas_mosaic.refusal(jnp.bfloat16, "highest"))
+    they run 16-bit MMAs with float32 accumulation, not precision=HIGHEST
   """
   raw = parts(a, b, scale, bias, grads=grads, **options)
   out = {"loss": raw["loss"]}

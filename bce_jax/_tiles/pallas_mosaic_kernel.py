@@ -78,6 +78,12 @@ def elementwise(logits: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array
   ``log1p(t)`` is ``log(u) * t / (u - 1)`` with ``u = 1 + t`` (exact to a
   few ulps: the rounding of ``u`` cancels in the ratio), and ``t`` where
   ``u`` rounds to 1.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> loss, g = elementwise(jnp.array([-30.0, 0.0, 2.0]), jnp.array([False, True, True]))
+    >>> print([f"{v:.4g}" for v in loss], [f"{v:.4g}" for v in g])
+    ['9.358e-14', '0.6931', '0.1269'] ['9.358e-14', '-0.5', '-0.1192']
   """
   w = jnp.where(pos, -logits, logits)
   t = jnp.exp(-jnp.abs(w))
