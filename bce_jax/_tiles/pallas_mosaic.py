@@ -37,24 +37,30 @@ multiprocessor, at most 255 a thread; one warpgroup is 128 threads):
 * ``block_own = block_other = 64``: one warpgroup MMA's M; the ``[64, 64]``
   float32 logits take 32 registers a thread.
 * ``chunk`` of ``D`` for ``d_own`` (float32 ``[64, chunk]`` accumulator):
-  ``64 * chunk / 128`` registers a thread, 128 at ``chunk = 256``. At
-  ``D = 512`` two chunks (a grid axis) each recompute the logits: the row
-  and column kernels then do ``4 + 2`` (chunked) matmul passes of
-  ``2 B C D`` FLOP each, 6 with ``D <= 256``'s single chunk being 4.
-* SMEM: ``own`` ``[64, Dp]`` (64 KiB at D = 512, bfloat16) plus per
-  pipeline stage ``other^T`` ``[Dp, 64]`` (64 KiB) and ``other[:, chunk]``
-  ``[64, 256]`` (32 KiB): two stages need 256 KiB, so D = 512 runs one
-  stage; ``D <= 256`` two.
+  ``64 * chunk / 128`` registers a thread, 128 at ``chunk = 256`` (all of
+  ``[64, 512]`` would need 256, more than a thread has). The chunks are a
+  grid axis and each recomputes the logits: with ``n = Dp / chunk`` each
+  kernel does ``n`` logits passes and one gradient pass of ``2 B C D``
+  FLOP, ``4 (n + 1) B C D`` in all: ``8 B C D`` at ``D <= 256``,
+  ``12 B C D`` at ``D = 512``.
+* SMEM: ``own`` ``[64, Dp]`` (64 KiB at D = 512, bfloat16), ``g`` (8 KiB),
+  the float32 ``[64, 64]`` write-out buffer (16 KiB), plus per pipeline
+  stage ``other^T`` ``[Dp, 64]`` (64 KiB) and ``other[:, chunk]``
+  ``[64, 256]`` (32 KiB): D = 512 fits one stage (184 KiB), ``D <= 256``
+  two.
 
 Estimate at B = C = 65,536, D = 512, bfloat16 (value_and_grad): the
-minimum is ``6 B^2 D`` = 1.3e13 FLOP (16.7 ms at 790 TFLOP/s); this design
-does ``12 B^2 D`` = 2.6e13 (chunked recompute), ~44 ms at 600 TFLOP/s, on
-par with the Triton estimate, so the 25 ms target needs the next step:
-two consumer warpgroups a block, each owning half of ``D`` for ``d_own`` and
-exchanging half-``D`` partial logits through SMEM (``8 B^2 D``, ~29 ms at
-600). Bytes: ``O((B + C) D)``, negligible. Temporaries: the transposed
-copies (128 MiB) and float32 ``g b`` and ``g^T a`` (128 MiB each; the
-``out_dtype`` option writes them in the inputs' dtype, 64 MiB each).
+floor is ``6 B^2 D`` = 1.3e13 FLOP (16.7 ms at 790 TFLOP/s). This design
+does ``12 B^2 D`` = 2.6e13: ~44 ms at 600 TFLOP/s, ~38 at 700, no better
+than the Triton estimate on FLOP, so the 25 ms target needs a next step:
+two consumer warpgroups a block, each holding half of ``D`` of ``d_own``
+and adding the other's half-``D`` partial logits through SMEM (``8 B^2 D``:
+~29 ms at 600, ~25 at 700). Bytes moved: ``O((B + C) D)`` a block row,
+negligible. Temporaries: the transposed copies (128 MiB) and ``g b``,
+``g^T a`` (64 MiB each in bfloat16, as the pairwise loss asks for them;
+float32 by default here): ~256 MiB. On hardware, 16-bit MMAs do take a
+transposed operand (``plgpu.transpose_ref``): that would drop the copies
+and a third of each stage's SMEM, once interpret mode can test it.
 Nothing here has run on a GPU: the kernels are tested in Mosaic-GPU
 interpret mode and by lowering for CUDA on a CPU.
 """
@@ -103,9 +109,9 @@ def refusal(dtype: Any, precision: Any = None) -> str | None:
 
 def _stages(dim: int, chunk: int, itemsize: int) -> int:
   """Pipeline stages that fit in SMEM beside the owned block."""
-  own = BLOCK * dim * itemsize
-  stage = (dim * BLOCK + BLOCK * chunk) * itemsize + 2 * 4 * BLOCK * 4
-  return max(1, min(2, (_SMEM - own - 8 * 1024) // stage))
+  fixed = BLOCK * dim * itemsize + BLOCK * BLOCK * itemsize + BLOCK * 64 * 4 + 2 * 4 * BLOCK
+  stage = (dim * BLOCK + BLOCK * chunk) * itemsize + 4 * 4 * BLOCK  # + bias, ok, 2 id parts
+  return max(1, min(2, (_SMEM - fixed) // stage))
 
 
 def _pad(x: jax.Array, n: int, dim: int | None = None) -> jax.Array:

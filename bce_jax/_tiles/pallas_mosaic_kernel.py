@@ -12,8 +12,16 @@ over every block of the other side (``other``) in a TMA pipeline. Per step:
    which pairs are positive (equal ids) and which count (both ``ok``), the
    element loss and ``g = sigmoid(z) - label`` in registers (the
    :func:`elementwise` formulas);
-3. ``d_own += g @ other[:, chunk]``: a second MMA with ``g`` from registers
-   in the inputs' 16-bit dtype.
+3. ``d_own += g @ other[:, chunk]``: a second MMA, ``g`` in the inputs'
+   16-bit dtype through SMEM (``[bo, bx]``, 8 KiB; Mosaic-GPU interpret mode
+   takes MMA operands from SMEM only, so tests run this same path), the
+   accumulator in registers.
+
+Where interpreted (``Spec.interpreted``) two things differ, both forced by
+the interpreter: register layouts are not cast (it has no rule for
+``layout_cast``), and ``d_own`` adds a fresh MMA accumulator instead of
+accumulating in place (it has no ``run_state``). The cross-lowering tests
+cover the compiled path.
 
 The row sums of the loss and of ``g`` stay in registers; at the end a
 program writes its rows' sums (the first chunk only) and its ``[bo, chunk]``
@@ -26,8 +34,8 @@ arrays ``[No]`` int32), ``own [No, Dp]``, ``other_bias [Nx]``,
 ``other_ok [Nx]``, ``other_ids`` (P arrays ``[Nx]``), ``other [Nx, Dp]``,
 ``other_t [Dp, Nx]``; then the outputs ``loss [No]`` (with ``value``),
 ``g_sums [No]`` and ``d_own [No, Dp]`` (with ``grads``); then the scratch:
-``own_smem [bo, Dp]``, ``g_smem [bo, bx]``, ``vec_smem [bo]`` (float32), ``int_smem [bo]`` (int32), ``out_smem [bo, 64]``
-and a barrier.
+``own_smem [bo, Dp]``, ``g_smem [bo, bx]``, ``vec_smem [bo]`` (float32),
+``int_smem [bo]`` (int32), ``out_smem [bo, 64]`` and a barrier.
 """
 
 from __future__ import annotations
