@@ -311,7 +311,7 @@ def pairwise_sigmoid_loss(
       for a CUDA GPU (float16, bfloat16 and float32 embeddings), XLA tiles
       elsewhere; ``"xla"``: XLA tiles everywhere; ``"pallas"``: the kernels
       (a ValueError where they cannot run: no GPU, float64); ``"mosaic"``:
-      the Mosaic-GPU (Hopper) kernels, 16-bit embeddings outside ``shard_map``.
+      the Mosaic-GPU (Hopper) kernels, float16 or bfloat16 embeddings.
 
   Returns:
     The loss, a scalar: float32, or float64 for float64 inputs.

@@ -11,6 +11,8 @@
 * ``pairwise_sigmoid_loss(implementation="mosaic")`` in interpret mode: the
   value and the gradients in x, y, scale and bias against float64, with
   ``positives`` and a row mask over nan rows, under ``jax.jit``;
+* inside ``shard_map`` (one device, ``check_vma=False``) the kernels give
+  the XLA path's value and gradients;
 * lowered for CUDA on this CPU: one Mosaic-GPU call a kernel, no
   ``[B, C]``-sized buffer, at B = 130 and at D = 512 in two chunks; the
   default (None) still lowers to the Triton kernels;
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
+from jax.sharding import PartitionSpec as P
 
 import bce_jax
 from bce_jax._tiles import backend, pallas_mosaic, pallas_mosaic_kernel
@@ -191,6 +194,43 @@ class LossTest(parameterized.TestCase):
       self.assertLess(_rel(got, np.asarray(want) / count), 2 * TOL[dtype], name)
 
 
+@needs_interpret
+class ShardMapTest(absltest.TestCase):
+  def test_inside_shard_map_equals_xla(self):
+    # One device: GPU interpret mode hangs with two host devices (jax 0.10.2);
+    # the ring's later steps are the "ids" rule, tested above.
+    mesh = jax.make_mesh((1,), ("data",))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(67, 64)) / 8, jnp.bfloat16)
+    y = jnp.asarray(x + rng.normal(size=(67, 64)) / 8, jnp.bfloat16)
+    mask = rng.random(67) > 0.2
+    x = jnp.where(mask[:, None], x, jnp.nan)
+
+    def loss(x, y, s, b, mask, implementation, axis_name):
+      return bce_jax.pairwise_sigmoid_loss(
+        x, y, scale=s, bias=b, mask=mask, implementation=implementation, axis_name=axis_name
+      )
+
+    rows = P("data")
+    mapped = jax.shard_map(
+      lambda *a: loss(*a, "mosaic", "data"),
+      mesh=mesh,
+      out_specs=P(),
+      check_vma=False,  # Pallas's interpreter rejects check_vma
+      in_specs=(rows, rows, P(), P(), rows),
+    )
+    grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
+    args = (jnp.float32(SCALE), jnp.float32(BIAS))
+    put = lambda a, spec=rows: jax.device_put(jnp.asarray(a), jax.NamedSharding(mesh, spec))
+    scalars = [put(a, P()) for a in args]
+    with _mosaic_gpu.interpreted():
+      got = grad(mapped)(put(x), put(y), *scalars, put(mask))
+    want = grad(lambda *a: loss(*a, "xla", None))(x, y, *args, mask)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      self.assertTrue(np.all(np.isfinite(np.asarray(g, np.float32))))
+      self.assertLess(_rel(np.asarray(g, np.float32), np.asarray(w, np.float32)), 1e-2)
+
+
 def _lowered(f, *args) -> str:
   return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -232,6 +272,27 @@ class CudaLoweringTest(parameterized.TestCase):
       mosaic = vag("mosaic")
     self.assertEqual(_kernel_calls(mosaic), 2)  # the row kernel gives the value too
     self.assertEqual(_kernel_calls(vag(None)), 0)  # the default stays on Triton until measured
+
+  def test_inside_shard_map_with_check_vma(self):
+    # Interpret mode takes no check_vma; the kernels' outputs must still
+    # carry the mesh axes for the ring to type-check.
+    mesh = jax.make_mesh((1,), ("data",))
+    rows, whole = jax.NamedSharding(mesh, P("data")), jax.NamedSharding(mesh, P())
+
+    def loss(x, y, s, b, mask):
+      return bce_jax.pairwise_sigmoid_loss(
+        x, y, scale=s, bias=b, mask=mask, implementation="mosaic", axis_name="data"
+      )
+
+    mapped = jax.shard_map(
+      loss, mesh=mesh, out_specs=P(), in_specs=(P("data"),) * 2 + (P(), P(), P("data"))
+    )
+    x = jax.ShapeDtypeStruct((67, 64), jnp.bfloat16, sharding=rows)
+    s = jax.ShapeDtypeStruct((), jnp.float32, sharding=whole)
+    mask = jax.ShapeDtypeStruct((67,), jnp.bool_, sharding=rows)
+    with mock.patch.object(backend, "check_pallas"):
+      text = _lowered(jax.value_and_grad(mapped, argnums=(0, 1, 2, 3)), x, x, s, s, mask)
+    self.assertEqual(_kernel_calls(text), 2)
 
 
 @needs_mosaic

@@ -11,8 +11,7 @@ choice of the pairwise loss (:mod:`bce_jax._pairwise`) and the linear BCE
   refused with a clear error where they cannot run.
 * ``"mosaic"`` (the pairwise loss only): the Mosaic-GPU kernels
   (:mod:`.pallas_mosaic`: warpgroup MMAs fed by TMA, for Hopper), float16
-  and bfloat16 embeddings at the default precision, outside ``shard_map``;
-  refused elsewhere. ``None`` keeps the Triton kernels on ``cuda`` until a
+  and bfloat16 embeddings at the default precision; refused elsewhere. ``None`` keeps the Triton kernels on ``cuda`` until a
   GPU benchmark (benchmarks/gpu.py) shows the Mosaic ones faster; the
   default moves to them then.
 * Both losses run the same kernels (:mod:`.pallas_triton`): the pairwise
@@ -63,8 +62,6 @@ def kernel_refusal(
   ``"mosaic"`` asks about the Mosaic-GPU kernels, anything else the Triton
   ones."""
   if implementation == "mosaic":
-    if varying:
-      return "they do not run inside shard_map yet"
     return pallas_mosaic.refusal(dtype, precision)
   if not pallas_triton.available():
     return "this jax has no Pallas Triton backend (jax.experimental.pallas.triton)"
