@@ -34,8 +34,9 @@ arrays ``[No]`` int32), ``own [No, Dp]``, ``other_bias [Nx]``,
 ``other_ok [Nx]``, ``other_ids`` (P arrays ``[Nx]``), ``other [Nx, Dp]``,
 ``other_t [Dp, Nx]``; then the outputs ``loss [No]`` (with ``value``),
 ``g_sums [No]`` and ``d_own [No, Dp]`` (with ``grads``); then the scratch:
-``own_smem [bo, Dp]``, ``g_smem [bo, bx]``, ``vec_smem [bo]`` (float32),
-``int_smem [bo]`` (int32), ``out_smem [bo, 64]`` and a barrier.
+``own_smem [bo, Dp]``, ``g_smem [bo, bx]``, ``vec_smem [2, bo]`` (float32:
+scale and bias, later the sums), ``int_smem [1 + P, bo]`` (int32: ok and
+ids), ``out_smem [bo, 64]`` and a barrier.
 """
 
 from __future__ import annotations
@@ -147,18 +148,17 @@ def body(*refs, spec: Spec) -> None:
   plgpu.copy_gmem_to_smem(own_ref.at[rows], own_smem, barrier)
   plgpu.barrier_wait(barrier)
 
-  def own_vec(ref):  # this program's rows of a [No] vector, per row of a tile
-    smem = vec_smem if ref.dtype == jnp.float32 else int_smem
-    plgpu.copy_gmem_to_smem(ref.at[rows], smem, barrier)
+  def own_vec(ref, smem):  # this program's rows of a [No] vector, per row of a tile
+    plgpu.copy_gmem_to_smem(ref.at[rows], smem, barrier)  # each in its own slot: no reuse
     plgpu.barrier_wait(barrier)
     return _load(spec, smem, 1)
 
   row_vec = lambda x: lax.broadcast_in_dim(x, (bo, bx), [0])
   col_vec = lambda x: lax.broadcast_in_dim(x, (bo, bx), [1])
-  scale = row_vec(own_vec(scale_ref))
-  obias = row_vec(own_vec(obias_ref))
-  ook = row_vec(own_vec(ook_ref)) != 0
-  own_ids = [row_vec(own_vec(r)) for r in oids]
+  scale = row_vec(own_vec(scale_ref, vec_smem.at[0]))
+  obias = row_vec(own_vec(obias_ref, vec_smem.at[1]))
+  ook = row_vec(own_vec(ook_ref, int_smem.at[0])) != 0
+  own_ids = [row_vec(own_vec(r, int_smem.at[1 + n])) for n, r in enumerate(oids)]
 
   def step(_, *refs_and_carry):
     xbias, xok, *rest = refs_and_carry
@@ -221,10 +221,10 @@ def body(*refs, spec: Spec) -> None:
     xbias_ref, xok_ref, *xids, other_ref.at[:, pl.ds(k * chunk, chunk)], other_t_ref
   )
 
-  def write_vec(x, out):
-    vec_smem[...] = x
+  def write_vec(x, out):  # through slot 0, read into registers long before
+    vec_smem[0] = x
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(vec_smem, out.at[rows])
+    plgpu.copy_smem_to_gmem(vec_smem.at[0], out.at[rows])
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(k == 0)
@@ -261,8 +261,8 @@ def call(spec: Spec, args: list[jax.Array], interpret: Any) -> list[jax.Array]:
       spec.dtype,
       transforms=_swizzled(spec.block_other, spec.dtype),
     ),
-    plgpu.SMEM((spec.block_own,), jnp.float32),
-    plgpu.SMEM((spec.block_own,), jnp.int32),
+    plgpu.SMEM((2, spec.block_own), jnp.float32),
+    plgpu.SMEM((1 + spec.parts, spec.block_own), jnp.int32),
     plgpu.SMEM(
       (spec.block_own, EPILOGUE),
       spec.out_dtype,
