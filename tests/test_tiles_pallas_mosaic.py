@@ -316,6 +316,11 @@ class RefusalTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "'mosaic' cannot run: they need a GPU"):
       bce_jax.pairwise_sigmoid_loss(x, x, scale=1.0, bias=0.0, implementation="mosaic")
 
+  def test_too_wide_for_shared_memory(self):
+    x = jnp.ones((8, 768), jnp.bfloat16)
+    with self.assertRaisesRegex(ValueError, "D = 768 needs more than 227 KiB"):
+      pallas_mosaic.parts(x, x, 1.0, 0.0)
+
   def test_lists_rule_and_linear_bce(self):
     x = jnp.ones((8, 64), jnp.bfloat16)
     with self.assertRaisesRegex(ValueError, "unknown positives rule 'lists'"):

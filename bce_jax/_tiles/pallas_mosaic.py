@@ -108,10 +108,10 @@ def refusal(dtype: Any, precision: Any = None) -> str | None:
 
 
 def _stages(dim: int, chunk: int, itemsize: int) -> int:
-  """Pipeline stages that fit in SMEM beside the owned block."""
-  fixed = BLOCK * dim * itemsize + BLOCK * BLOCK * itemsize + BLOCK * 64 * 4 + 2 * 4 * BLOCK
+  """Pipeline stages (1 or 2) that fit in SMEM beside the owned block; 0 if none does."""
+  fixed = BLOCK * dim * itemsize + BLOCK * BLOCK * itemsize + BLOCK * 64 * 4 + 8 * 4 * BLOCK
   stage = (dim * BLOCK + BLOCK * chunk) * itemsize + 4 * 4 * BLOCK  # + bias, ok, 2 id parts
-  return max(1, min(2, (_SMEM - fixed) // stage))
+  return max(0, min(2, (_SMEM - fixed) // stage))
 
 
 def _pad(x: jax.Array, n: int, dim: int | None = None) -> jax.Array:
@@ -154,10 +154,18 @@ def parts(
     raise ValueError(f"the Mosaic-GPU kernels cannot run: {why}.")
   (rows, dim), cols = a.shape, b.shape[0]
   dim_p = -(-dim // 64) * 64  # whole 128-byte swizzle rows
-  chunk = min(chunk or CHUNK, dim_p)
+  if chunk is None:  # the widest multiple of 64 up to CHUNK that divides Dp
+    chunk = next(c for c in range(min(CHUNK, dim_p), 0, -64) if dim_p % c == 0)
   if dim_p % chunk or chunk % _kernel.EPILOGUE:
     raise ValueError(f"`chunk` must divide the padded D {dim_p} in multiples of 64; got {chunk}.")
   rows_p, cols_p = -(-rows // BLOCK) * BLOCK, -(-cols // BLOCK) * BLOCK
+  stages = _stages(dim_p, chunk, np.dtype(dtype).itemsize)
+  if stages == 0:
+    raise ValueError(
+      f"the Mosaic-GPU kernels hold a [{BLOCK}, D] block and a [D, {BLOCK}] one in shared "
+      f"memory: D = {dim} needs more than {_SMEM // 1024} KiB. Use implementation='pallas' or "
+      "'xla' for embeddings wider than 704."
+    )
 
   def side(x, mask, n):
     ok = jnp.ones(x.shape[0], jnp.int32) if mask is None else mask.astype(jnp.int32)
@@ -184,7 +192,6 @@ def parts(
   bias_p = _pad(jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (cols,)), cols_p)
   out_dtype = np.dtype(out_dtype)
   interpret = _INTERPRET if interpret is None else interpret
-  itemsize = np.dtype(dtype).itemsize
 
   def spec(own, other, value):
     return _kernel.Spec(
@@ -197,7 +204,7 @@ def parts(
       chunk=chunk if grads else dim_p,
       value=value,
       grads=grads,
-      stages=_stages(dim_p, chunk, itemsize),
+      stages=stages,
       dtype=np.dtype(dtype),
       out_dtype=out_dtype,
       interpreted=interpret is not None,
