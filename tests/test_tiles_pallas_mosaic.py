@@ -92,10 +92,19 @@ def _case(rows, cols, dim, rule, dtype, *, masked=False, per_column=False, parts
 
 
 @functools.cache
-def _sweep(rule, grads=True, chunk=None):
+def _sweep(rule, grads=True, chunk=None, block_other=64):
   def run(a, b, scale, bias, kw):
     return pallas_mosaic.sweep(
-      a, b, scale, bias, rule=rule, grads=grads, chunk=chunk, interpret=_mosaic_gpu.PARAMS, **kw
+      a,
+      b,
+      scale,
+      bias,
+      rule=rule,
+      grads=grads,
+      chunk=chunk,
+      block_other=block_other,
+      interpret=_mosaic_gpu.PARAMS,
+      **kw,
     )
 
   return jax.jit(run)
@@ -122,19 +131,19 @@ class ElementwiseTest(parameterized.TestCase):
 @needs_interpret
 class AgainstReferenceTest(parameterized.TestCase):
   @parameterized.named_parameters(
-    # name, rows, cols, dim, rule, dtype, masked, per-column bias, id parts, chunk
-    ("diagonal_odd_bf16", 67, 67, 64, "diagonal", "bfloat16", False, False, 1, None),
-    ("diagonal_masked_f16", 67, 67, 64, "diagonal", "float16", True, False, 1, None),
-    ("ids_masked_bf16_two_chunks", 45, 70, 128, "ids", "bfloat16", True, True, 1, 64),
-    ("ids_two_parts_f16", 70, 40, 40, "ids", "float16", False, True, 2, None),
+    # name, rows, cols, dim, rule, dtype, masked, per-column bias, id parts, chunk, other block
+    ("diagonal_odd_bf16", 67, 67, 64, "diagonal", "bfloat16", False, False, 1, None, 64),
+    ("diagonal_masked_f16", 67, 67, 64, "diagonal", "float16", True, False, 1, None, 64),
+    ("ids_masked_bf16_two_chunks", 45, 70, 128, "ids", "bfloat16", True, True, 1, 64, 64),
+    ("ids_two_parts_f16_other_32", 70, 40, 40, "ids", "float16", False, True, 2, None, 32),
   )
   def test_values_and_derivatives(
-    self, rows, cols, dim, rule, dtype, masked, per_column, parts, chunk
+    self, rows, cols, dim, rule, dtype, masked, per_column, parts, chunk, block_other
   ):
     args, kw, want = _case(
       rows, cols, dim, rule, dtype, masked=masked, per_column=per_column, parts=parts
     )
-    got = _sweep(rule, chunk=chunk)(*args, kw)
+    got = _sweep(rule, chunk=chunk, block_other=block_other)(*args, kw)
     for name, value in want.items():
       self.assertEqual(got[name].dtype, jnp.float32, name)
       self.assertEqual(got[name].shape, np.shape(value), name)
@@ -241,9 +250,9 @@ def _kernel_calls(text: str) -> int:
 
 @needs_mosaic
 class CudaLoweringTest(parameterized.TestCase):
-  def _sweep_text(self, rows, dim, grads):
+  def _sweep_text(self, rows, dim, grads, **kw):
     a = jax.ShapeDtypeStruct((rows, dim), jnp.bfloat16)
-    return _lowered(lambda a, b: pallas_mosaic.sweep(a, b, SCALE, BIAS, grads=grads), a, a)
+    return _lowered(lambda a, b: pallas_mosaic.sweep(a, b, SCALE, BIAS, grads=grads, **kw), a, a)
 
   @parameterized.named_parameters(("value", False, 1), ("value_and_grads", True, 2))
   def test_one_mosaic_call_a_kernel_and_no_tile(self, grads, calls):
@@ -252,9 +261,11 @@ class CudaLoweringTest(parameterized.TestCase):
     # padded to 192 rows; no buffer holds B x C pairs
     self.assertNotRegex(text, r"tensor<(130|192)x(130|192)x")
 
-  def test_wide_rows_in_two_chunks(self):
-    # D = 512: the gradient accumulator holds half of D; both kernels lower.
-    text = self._sweep_text(256, 512, True)
+  @parameterized.parameters(64, 32)
+  def test_wide_rows_in_two_chunks(self, block_other):
+    # D = 512: the gradient accumulator holds half of D; both kernels lower
+    # (the lowering checks shared memory: one stage with 64, two with 32).
+    text = self._sweep_text(256, 512, True, block_other=block_other)
     self.assertEqual(_kernel_calls(text), 2)
     self.assertNotRegex(text, r"tensor<256x256x")
 

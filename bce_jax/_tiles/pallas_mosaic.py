@@ -107,10 +107,10 @@ def refusal(dtype: Any, precision: Any = None) -> str | None:
   return None
 
 
-def _stages(dim: int, chunk: int, itemsize: int) -> int:
+def _stages(dim: int, chunk: int, itemsize: int, other: int = BLOCK) -> int:
   """Pipeline stages (1 or 2) that fit in SMEM beside the owned block; 0 if none does."""
-  fixed = BLOCK * dim * itemsize + BLOCK * BLOCK * itemsize + BLOCK * 64 * 4 + 8 * 4 * BLOCK
-  stage = (dim * BLOCK + BLOCK * chunk) * itemsize + 4 * 4 * BLOCK  # + bias, ok, 2 id parts
+  fixed = BLOCK * dim * itemsize + BLOCK * other * itemsize + BLOCK * 64 * 4 + 8 * 4 * BLOCK
+  stage = (dim * other + other * chunk) * itemsize + 4 * 4 * other  # + bias, ok, 2 id parts
   return max(0, min(2, (_SMEM - fixed) // stage))
 
 
@@ -135,6 +135,7 @@ def parts(
   precision: Any = None,
   out_dtype: Any = jnp.float32,
   chunk: int | None = None,
+  block_other: int = BLOCK,
   interpret: Any = None,
 ) -> dict[str, jax.Array]:
   """The sweep's raw sums, before the scale is applied (see :func:`sweep`).
@@ -159,10 +160,12 @@ def parts(
   if dim_p % chunk or chunk % _kernel.EPILOGUE:
     raise ValueError(f"`chunk` must divide the padded D {dim_p} in multiples of 64; got {chunk}.")
   rows_p, cols_p = -(-rows // BLOCK) * BLOCK, -(-cols // BLOCK) * BLOCK
-  stages = _stages(dim_p, chunk, np.dtype(dtype).itemsize)
+  if block_other not in (32, 64):
+    raise ValueError(f"`block_other` must be 32 or 64; got {block_other!r}.")
+  stages = _stages(dim_p, chunk, np.dtype(dtype).itemsize, block_other)
   if stages == 0:
     raise ValueError(
-      f"the Mosaic-GPU kernels hold a [{BLOCK}, D] block and a [D, {BLOCK}] one in shared "
+      f"the Mosaic-GPU kernels hold a [{BLOCK}, D] block and a [D, {block_other}] one in shared "
       f"memory: D = {dim} needs more than {_SMEM // 1024} KiB. Use implementation='pallas' or "
       "'xla' for embeddings wider than 704."
     )
@@ -200,7 +203,7 @@ def parts(
       other_rows=other,
       dim=dim_p,
       block_own=BLOCK,
-      block_other=BLOCK,
+      block_other=block_other,
       chunk=chunk if grads else dim_p,
       value=value,
       grads=grads,
@@ -259,6 +262,9 @@ def sweep(
       ``precision``: None or ``"default"`` only;
       ``out_dtype``: of ``da`` and ``db`` (float32 by default);
       ``chunk``: columns of ``D`` a program accumulates (a multiple of 64);
+      ``block_other``: rows of the other side a pipeline step, 64 or 32
+      (32 halves each stage's SMEM: two stages at D = 512, for a narrower
+      logits MMA; which is faster is for the GPU benchmark to say);
       ``interpret``: Mosaic-GPU interpret parameters to run on any backend;
       None: compiled, unless tests set ``_INTERPRET``.
 

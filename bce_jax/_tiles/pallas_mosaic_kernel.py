@@ -105,10 +105,18 @@ def elementwise(logits: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array
   return loss, jnp.where(pos, -sig, sig)
 
 
-def _swizzled(minor: int, dtype: Any) -> tuple[Any, ...]:
-  swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
+def _swizzled(minor: int, dtype: Any, at_most: int = 128) -> tuple[Any, ...]:
+  """SMEM tiling and swizzle for rows of `minor` elements (`at_most` bytes)."""
+  swizzle = min(plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8), at_most)
   elems = swizzle // jnp.dtype(dtype).itemsize
   return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
+
+
+def _mma_swizzled(spec: Spec, minor: int) -> tuple[Any, ...]:
+  """The MMA operands' layout: one swizzle for all (an MMA's two operands
+  must agree), the widest that ``block_other`` columns allow (128 bytes at
+  64 16-bit values, 64 at 32)."""
+  return _swizzled(minor, spec.dtype, spec.block_other * jnp.dtype(spec.dtype).itemsize)
 
 
 def _vec_layout(axis: int) -> Any:
@@ -211,8 +219,8 @@ def body(*refs, spec: Spec) -> None:
       vec_spec,
       vec_spec,
       *([vec_spec] * p),
-      plgpu.BlockSpec((bx, chunk), lambda j: (j, 0), transforms=_swizzled(chunk, spec.dtype)),
-      plgpu.BlockSpec((spec.dim, bx), lambda j: (0, j), transforms=_swizzled(bx, spec.dtype)),
+      plgpu.BlockSpec((bx, chunk), lambda j: (j, 0), transforms=_mma_swizzled(spec, chunk)),
+      plgpu.BlockSpec((spec.dim, bx), lambda j: (0, j), transforms=_mma_swizzled(spec, bx)),
     ],
     max_concurrent_steps=spec.stages,
     init_carry=init,
@@ -255,11 +263,11 @@ def call(spec: Spec, args: list[jax.Array], interpret: Any) -> list[jax.Array]:
     outs.append(jax.ShapeDtypeStruct((no,), jnp.float32))
     outs.append(jax.ShapeDtypeStruct((no, spec.dim), spec.out_dtype))
   scratch: list[Any] = [
-    plgpu.SMEM((spec.block_own, spec.dim), spec.dtype, transforms=_swizzled(spec.dim, spec.dtype)),
+    plgpu.SMEM((spec.block_own, spec.dim), spec.dtype, transforms=_mma_swizzled(spec, spec.dim)),
     plgpu.SMEM(
       (spec.block_own, spec.block_other),
       spec.dtype,
-      transforms=_swizzled(spec.block_other, spec.dtype),
+      transforms=_mma_swizzled(spec, spec.block_other),
     ),
     plgpu.SMEM((2, spec.block_own), jnp.float32),
     plgpu.SMEM((1 + spec.parts, spec.block_own), jnp.int32),
