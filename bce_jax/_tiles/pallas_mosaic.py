@@ -47,7 +47,8 @@ multiprocessor, at most 255 a thread; one warpgroup is 128 threads):
   the float32 ``[64, 64]`` write-out buffer (16 KiB), plus per pipeline
   stage ``other^T`` ``[Dp, 64]`` (64 KiB) and ``other[:, chunk]``
   ``[64, 256]`` (32 KiB): D = 512 fits one stage (184 KiB), ``D <= 256``
-  two.
+  two; ``block_other=32`` halves a stage (two at D = 512) for a narrower
+  logits MMA, and D above 704 does not fit (refused).
 
 Estimate at B = C = 65,536, D = 512, bfloat16 (value_and_grad): the
 floor is ``6 B^2 D`` = 1.3e13 FLOP (16.7 ms at 790 TFLOP/s). This design
