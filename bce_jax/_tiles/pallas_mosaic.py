@@ -163,7 +163,7 @@ def parts(
   rows_p, cols_p = -(-rows // BLOCK) * BLOCK, -(-cols // BLOCK) * BLOCK
   if block_other not in (32, 64):
     raise ValueError(f"`block_other` must be 32 or 64; got {block_other!r}.")
-  stages = _stages(dim_p, chunk, np.dtype(dtype).itemsize, block_other)
+  stages = _stages(dim_p, chunk if grads else 0, np.dtype(dtype).itemsize, block_other)
   if stages == 0:
     raise ValueError(
       f"the Mosaic-GPU kernels hold a [{BLOCK}, D] block and a [D, {block_other}] one in shared "

@@ -170,7 +170,8 @@ def body(*refs, spec: Spec) -> None:
 
   def step(_, *refs_and_carry):
     xbias, xok, *rest = refs_and_carry
-    xids, (other_chunk, other_t, carry) = rest[:p], rest[p:]
+    xids, rest = rest[:p], rest[p:]
+    other_chunk, (other_t, carry) = (rest[0], rest[1:]) if spec.grads else (None, rest)
     xids = [col_vec(_load(spec, r, 0)) for r in xids]
 
     def dots(acc_ref):
@@ -185,7 +186,7 @@ def body(*refs, spec: Spec) -> None:
     for o, x in zip(own_ids[1:], xids[1:]):
       pos = pos & (o == x)
     loss, g = elementwise(logits, pos)
-    loss_sum, g_sum, d_own = carry
+    loss_sum, g_sum, d_own = carry  # g_sum and d_own: None without grads
     if spec.value:
       loss_sum = loss_sum + jnp.sum(jnp.where(ok, loss, 0.0), axis=1)
     if spec.grads:
@@ -206,12 +207,14 @@ def body(*refs, spec: Spec) -> None:
     return loss_sum, g_sum, d_own
 
   zeros = lambda shape, layout: _cast(spec, jnp.zeros(shape, jnp.float32), layout)
-  init = (
+  init = (  # no [bo, chunk] accumulator without grads: it would take registers
     zeros((bo,), _vec_layout(1)),
-    zeros((bo,), _vec_layout(1)),
-    zeros((bo, chunk), plgpu.Layout.WGMMA),
+    zeros((bo,), _vec_layout(1)) if spec.grads else None,
+    zeros((bo, chunk), plgpu.Layout.WGMMA) if spec.grads else None,
   )
   vec_spec = plgpu.BlockSpec((bx,), lambda j: (j,))
+  other_spec = plgpu.BlockSpec((bx, chunk), lambda j: (j, 0), transforms=_mma_swizzled(spec, chunk))
+  other_chunk = [other_ref.at[:, pl.ds(k * chunk, chunk)]] if spec.grads else []
   pipeline = plgpu.emit_pipeline(
     step,
     grid=(spec.other_rows // bx,),
@@ -219,15 +222,13 @@ def body(*refs, spec: Spec) -> None:
       vec_spec,
       vec_spec,
       *([vec_spec] * p),
-      plgpu.BlockSpec((bx, chunk), lambda j: (j, 0), transforms=_mma_swizzled(spec, chunk)),
+      *([other_spec] if spec.grads else []),
       plgpu.BlockSpec((spec.dim, bx), lambda j: (0, j), transforms=_mma_swizzled(spec, bx)),
     ],
     max_concurrent_steps=spec.stages,
     init_carry=init,
   )
-  loss_sum, g_sum, d_own = pipeline(
-    xbias_ref, xok_ref, *xids, other_ref.at[:, pl.ds(k * chunk, chunk)], other_t_ref
-  )
+  loss_sum, g_sum, d_own = pipeline(xbias_ref, xok_ref, *xids, *other_chunk, other_t_ref)
 
   def write_vec(x, out):  # through slot 0, read into registers long before
     vec_smem[0] = x
