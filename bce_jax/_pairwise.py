@@ -81,7 +81,7 @@ def pairwise_sigmoid_loss(
   block_size: int | None = None,
   axis_name: Hashable | None = None,
   precision: str | jax.lax.Precision | None = None,
-  implementation: Literal["xla", "pallas"] | None = None,
+  implementation: Literal["xla", "pallas", "mosaic"] | None = None,
 ) -> jax.Array:
   r"""The pairwise sigmoid loss of SigLIP, without the ``[B, B]`` logits.
 
@@ -140,7 +140,8 @@ def pairwise_sigmoid_loss(
     implementation: None: the Pallas kernels where the program is lowered
       for a CUDA GPU (float16, bfloat16 and float32 embeddings), XLA tiles
       elsewhere; ``"xla"``: XLA tiles everywhere; ``"pallas"``: the kernels
-      (a ValueError where they cannot run: no GPU, float64).
+      (a ValueError where they cannot run: no GPU, float64); ``"mosaic"``:
+      the Mosaic-GPU (Hopper) kernels, float16 or bfloat16 embeddings.
 
   Returns:
     The loss, a scalar: float32, or float64 for float64 inputs.
@@ -178,7 +179,9 @@ def pairwise_sigmoid_loss(
   """
   args = _args.check_inputs(x, y, scale, bias, positives, mask)
   x, y, mask = args.x, args.y, args.mask
-  options = checks.check_options(block_size, axis_name, precision, implementation, "rows")
+  options = checks.check_options(
+    block_size, axis_name, precision, implementation, "rows", _backend.PAIRWISE_IMPLEMENTATIONS
+  )
   block_size, axis_name, precision, implementation = options
   devices, rows = checks.axis_size(axis_name, "batch"), x.shape[0]
   dtype = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
@@ -203,9 +206,10 @@ def pairwise_sigmoid_loss(
   plan = _ring.Plan(rows, 0, devices, axis_name, _MODE, dtypes, precision)
   on_cuda = dataclasses.replace(plan, block=rows, kernel=True)  # the kernels need no padding
   embeddings = jnp.promote_types(x.dtype, y.dtype)
-  if implementation == "pallas":
-    _backend.check_pallas(embeddings, bool(varying))
-    plans: tuple[_ring.Plan, _ring.Plan | None] = (on_cuda, None)
+  if implementation in ("pallas", "mosaic"):
+    _backend.check_pallas(embeddings, bool(varying), implementation, precision)
+    kernel = dataclasses.replace(on_cuda, kernel=implementation)
+    plans: tuple[_ring.Plan, _ring.Plan | None] = (kernel, None)
   else:
     if implementation == "xla" or _backend.kernel_refusal(embeddings, bool(varying)):
       on_cuda = dataclasses.replace(plan, block=_backend.choose_block(rows, block_size, "cuda"))
@@ -240,7 +244,7 @@ class PairwiseSigmoidLoss(Config):
     axis_name: the ``shard_map`` mesh axis the batch is sharded over (the
       ring), or None on one device.
     precision: of the matmuls, by name (``"highest"``...), or None.
-    implementation: None (per backend), ``"xla"`` or ``"pallas"``.
+    implementation: None (per backend), ``"xla"``, ``"pallas"`` or ``"mosaic"``.
 
   ``loss(x, y, scale, bias, positives=None, mask=None)`` is
   :func:`pairwise_sigmoid_loss`; ``get_config()`` and ``from_config()``
@@ -262,11 +266,11 @@ class PairwiseSigmoidLoss(Config):
   block_size: int | None = None
   axis_name: Hashable | None = None
   precision: str | None = None
-  implementation: Literal["xla", "pallas"] | None = None
+  implementation: Literal["xla", "pallas", "mosaic"] | None = None
 
   def __post_init__(self) -> None:
     super().__post_init__()
-    checks.check_config_options(self, "rows")
+    checks.check_config_options(self, "rows", _backend.PAIRWISE_IMPLEMENTATIONS)
 
   def __call__(
     self, x: ArrayLike, y: ArrayLike, scale, bias, positives=None, mask=None

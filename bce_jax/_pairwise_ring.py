@@ -37,7 +37,7 @@ class Plan:
   mode: str
   dtypes: tuple[np.dtype, np.dtype]  # of x and y, for their cotangents
   precision: str | None = None  # of the tiles' dots, by name
-  kernel: bool = False  # each sweep runs the Pallas kernels
+  kernel: bool | str = False  # each sweep runs the Pallas kernels ("mosaic": Mosaic GPU's)
 
   @property
   def padded(self) -> int:
@@ -103,7 +103,9 @@ def _sweep(row, col, s, b, plan: Plan, *, value: bool, grads: bool):
   sums of the losses and of g, ``sum_j g_ij y_j`` and ``sum_i g_ij x_i``."""
   precision = _backend.lax_precision(plan.precision)
   if plan.kernel:
-    return _backend.kernel_sweep(row, col, s, b, value=value, grads=grads, precision=precision)
+    return _backend.kernel_sweep(
+      row, col, s, b, value=value, grads=grads, precision=precision, kernel=plan.kernel
+    )
   dim, like = row["x"].shape[1], (row, col, s, b)
 
   def row_block(dy, row):

@@ -121,7 +121,7 @@ def pairwise_impls(blocks: tuple[int, ...], extra_values: tuple[str, ...]) -> di
     impls["implementation="] = why
   backend = jax.default_backend()
   for value in values:
-    if value == "pallas" and backend != "gpu":  # the kernels refuse other backends
+    if value in ("pallas", "mosaic") and backend != "gpu":  # the kernels refuse other backends
       impls[f"implementation={value}"] = (
         f"not available: the Pallas kernels need a GPU, not {backend}"
       )

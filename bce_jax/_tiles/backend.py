@@ -9,6 +9,11 @@ choice of the pairwise loss (:mod:`bce_jax._pairwise`) and the linear BCE
   branches are traced; only the chosen one is lowered.
 * ``"xla"``: the XLA tiles on every backend, ``"pallas"``: the kernels,
   refused with a clear error where they cannot run.
+* ``"mosaic"`` (the pairwise loss only): the Mosaic-GPU kernels
+  (:mod:`.pallas_mosaic`: warpgroup MMAs fed by TMA, for Hopper), float16
+  and bfloat16 embeddings at the default precision; refused elsewhere. ``None`` keeps the Triton kernels on ``cuda`` until a
+  GPU benchmark (benchmarks/gpu.py) shows the Mosaic ones faster; the
+  default moves to them then.
 * Both losses run the same kernels (:mod:`.pallas_triton`): the pairwise
   loss with the ``"diagonal"``/``"ids"`` rules, the linear BCE with the
   ``"lists"`` rule, a per-label bias and unit scale.
@@ -28,17 +33,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bce_jax._tiles import pallas_triton, xla
+from bce_jax._tiles import pallas_mosaic, pallas_triton, xla
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
+PAIRWISE_IMPLEMENTATIONS = (*IMPLEMENTATIONS, "mosaic")
 _JAX = tuple(int(p) for p in jax.__version__.split(".")[:2])
 _BLOCK = {"default": 512, "cuda": 8192}  # the XLA tiles' rows and columns
 
 
-def check_implementation(implementation: Any) -> Any:
-  if implementation not in IMPLEMENTATIONS:
+def check_implementation(implementation: Any, allowed: tuple[Any, ...] = IMPLEMENTATIONS) -> Any:
+  if implementation not in allowed:
     raise ValueError(
-      f"`implementation` must be one of {IMPLEMENTATIONS} (None: the Pallas kernels on a CUDA "
+      f"`implementation` must be one of {allowed} (None: the Pallas kernels on a CUDA "
       f"GPU, XLA tiles elsewhere); got {implementation!r}."
     )
   return implementation
@@ -48,9 +54,15 @@ def lax_precision(name: str | None) -> jax.lax.Precision | None:
   return None if name is None else jax.lax.Precision(name)
 
 
-def kernel_refusal(dtype: Any, varying: bool) -> str | None:
+def kernel_refusal(
+  dtype: Any, varying: bool, implementation: Any = "pallas", precision: Any = None
+) -> str | None:
   """Why the kernels cannot take embeddings of `dtype` here, or None.
-  `varying`: inside ``shard_map`` with ``check_vma``."""
+  `varying`: inside ``shard_map`` with ``check_vma``; `implementation`:
+  ``"mosaic"`` asks about the Mosaic-GPU kernels, anything else the Triton
+  ones."""
+  if implementation == "mosaic":
+    return pallas_mosaic.refusal(dtype, precision)
   if not pallas_triton.available():
     return "this jax has no Pallas Triton backend (jax.experimental.pallas.triton)"
   if np.dtype(dtype) == np.float64:
@@ -62,15 +74,19 @@ def kernel_refusal(dtype: Any, varying: bool) -> str | None:
   return None
 
 
-def check_pallas(dtype: Any, varying: bool) -> None:
-  """A ValueError where ``implementation="pallas"`` cannot run."""
-  why = kernel_refusal(dtype, varying)
-  if why is None and jax.default_backend() != "gpu" and not pallas_triton._INTERPRET:
+def check_pallas(
+  dtype: Any, varying: bool, implementation: Any = "pallas", precision: Any = None
+) -> None:
+  """A ValueError where ``implementation="pallas"`` (or ``"mosaic"``) cannot run."""
+  why = kernel_refusal(dtype, varying, implementation, precision)
+  mosaic = implementation == "mosaic"
+  interpreted = pallas_mosaic._INTERPRET is not None if mosaic else pallas_triton._INTERPRET
+  if why is None and jax.default_backend() != "gpu" and not interpreted:
     why = f"they need a GPU, and this process runs on {jax.default_backend()!r}"
   if why is not None:
     raise ValueError(
-      f"`implementation`='pallas' cannot run: {why}. Pass implementation=None to choose per "
-      f"backend, or 'xla'."
+      f"`implementation`={implementation!r} cannot run: {why}. Pass implementation=None to "
+      f"choose per backend, or 'xla'{', or pallas' if mosaic else ''}."
     )
 
 
@@ -99,11 +115,14 @@ def by_platform(run, plan, plan_on_cuda, *operands):
   )
 
 
-def kernel_sweep(row, col, s, b, *, value: bool, grads: bool, precision: Any):
-  """The kernels' version of ``_pairwise._sweep``: this device's rows
+def kernel_sweep(row, col, s, b, *, value: bool, grads: bool, precision: Any, kernel: Any = True):
+  """The kernels' version of ``_pairwise_ring._sweep``: this device's rows
   against one shard of columns, described by the same ``row`` and ``col``
   dicts (``"x"``/``"y"``, ``"ids"`` or ``"start"``, ``"ok"``); returns the row
-  sums of the losses and of g, ``g y`` and ``g^T x`` (float32)."""
+  sums of the losses and of g, ``g y`` and ``g^T x`` (float32). `kernel`:
+  ``"mosaic"`` runs the Mosaic-GPU kernels (``g y`` and ``g^T x`` then in
+  the embeddings' 16-bit dtype: 64 MiB each instead of 128 at B = 65,536,
+  D = 512), anything else the Triton ones."""
   if "ids" in row:
     rule: dict[str, Any] = {"rule": "ids", "row_ids": row["ids"], "col_ids": col["ids"]}
   elif (
@@ -119,7 +138,10 @@ def kernel_sweep(row, col, s, b, *, value: bool, grads: bool, precision: Any):
       "row_ids": row["start"] + jnp.arange(rows, dtype=jnp.int32),
       "col_ids": col["start"] + jnp.arange(cols, dtype=jnp.int32),
     }
-  out = pallas_triton.parts(
+  module: Any = pallas_triton
+  if kernel == "mosaic":  # g y and g^T x in the embeddings' dtype, written by the kernels
+    module, rule = pallas_mosaic, {**rule, "out_dtype": row["x"].dtype}
+  out = module.parts(
     row["x"],
     col["y"],
     s,

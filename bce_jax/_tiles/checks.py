@@ -78,23 +78,36 @@ def check_precision(precision: Any) -> str | None:
 
 
 def check_options(
-  block_size: Any, axis_name: Any, precision: Any, implementation: Any, unit: str
+  block_size: Any,
+  axis_name: Any,
+  precision: Any,
+  implementation: Any,
+  unit: str,
+  implementations: tuple[Any, ...] = backend.IMPLEMENTATIONS,
 ) -> tuple[int | None, Hashable | None, str | None, Any]:
   """The :data:`OPTIONS` of a tile-swept loss, checked and normalized, in that
-  order; `unit` says what a tile counts (rows, labels)."""
+  order; `unit` says what a tile counts (rows, labels), `implementations`
+  which implementations the loss has."""
   return (
     check_block_size(block_size, unit),
     check_axis_name(axis_name),
     check_precision(precision),
-    backend.check_implementation(implementation),
+    backend.check_implementation(implementation, implementations),
   )
 
 
-def check_config_options(config: Any, unit: str) -> None:
+def check_config_options(
+  config: Any, unit: str, implementations: tuple[Any, ...] = backend.IMPLEMENTATIONS
+) -> None:
   """Checks and normalizes the :data:`OPTIONS` fields of a frozen loss object, in place
   (for its ``__post_init__``)."""
   values = check_options(
-    config.block_size, config.axis_name, config.precision, config.implementation, unit
+    config.block_size,
+    config.axis_name,
+    config.precision,
+    config.implementation,
+    unit,
+    implementations,
   )
   for name, value in zip(OPTIONS, values):
     object.__setattr__(config, name, value)
