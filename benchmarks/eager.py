@@ -174,8 +174,9 @@ def run(
     on_shape: called with each shape's record as soon as it is measured.
     stat: ``"median"`` or ``"best"`` (the fastest sample) of each call's samples.
     inner: calls per sample (short samples make the best one a quiet one).
-    with_peers: whether to time optax and Keras too. Their op-by-op calls
-      leave threads busy that the next rows then wait for.
+    with_peers: whether to time optax and Keras too, in a loop of their own
+      with the baseline: their op-by-op calls leave threads busy that the
+      next rows would wait for.
 
   Returns:
     One record per shape: ``shape``, ``calls_per_sample``, ``stat`` and
@@ -184,15 +185,25 @@ def run(
   """
   records = []
   for shape in SHAPES:
-    blocks = [(BASELINE, calls(shape, with_peers=with_peers))]
+    ours = calls(shape, with_peers=with_peers)
+    peer_loop = {name: call for name, call in ours.items() if name.startswith("peer:")}
+    blocks = [(BASELINE, {name: c for name, c in ours.items() if name not in peer_loop})]
     blocks += [b for b in (variant_calls(shape, v) for v in VARIANTS) if b is not None]
     every = {name: call for _, block in blocks for name, call in block.items()}
     timings = timing.time_interleaved(every, repeats, warmup=3, inner=inner)
+    peer_timings = {}
+    if peer_loop:
+      peer_loop = {BASELINE: ours[BASELINE], **peer_loop}
+      peer_timings = timing.time_interleaved(peer_loop, repeats, warmup=3, inner=inner)
+      blocks.append((BASELINE, peer_loop))
     rows = []
     for baseline, block in blocks:
-      base = _statistic(timings[baseline], stat)
+      source = peer_timings if block is peer_loop else timings
+      base = _statistic(source[baseline], stat)
       for name in block:
-        t = timings[name]
+        if block is peer_loop and name == baseline:
+          continue
+        t = source[name]
         rows.append(
           {
             "call": name,
