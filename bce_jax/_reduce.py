@@ -30,7 +30,6 @@ __all__ = [
   "checked_call",
   "elementwise",
   "flag",
-  "loss_value",
   "object_loss",
   "prepare_call",
 ]
@@ -295,44 +294,26 @@ def object_loss(loss, y_true, y_pred, sample_weight=None, mask=None) -> jax.Arra
   return _loss_core(formula, layout, loss.reduction, *arrays)
 
 
-def loss_value(
-  formula,
-  y_true,
-  y_pred,
-  label_smoothing,
-  pos_weight,
-  axis,
-  reduction,
-  sample_weight=None,
-  mask=None,
-  elementwise=None,
-) -> jax.Array:
-  """A loss's value: per-sample losses, weighted, masked and reduced."""
-  head = _function_head(
-    ("loss", reduction), formula, label_smoothing, pos_weight, axis, elementwise
-  )
-  e = eager(
-    head,
-    lambda: (formula, label_smoothing, pos_weight, axis, elementwise),
-    (_checked_loss, reduction),
-    y_true,
-    y_pred,
-    sample_weight,
-    mask,
-  )
-  if e is not None:
-    return e.call(y_true, y_pred, e.smoothing, e.pos_weight, sample_weight, mask)
-  layout, arrays = prepare_call(
-    y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask, elementwise
-  )
-  note_concrete(y_true, y_pred, sample_weight, mask)
-  return _loss_core(formula, layout, reduction, *arrays)
-
-
 def axis_mean(
   formula, y_true, y_pred, label_smoothing, pos_weight, axis, elementwise=None
 ) -> jax.Array:
   """The per-sample losses: element losses averaged over `axis`."""
-  return loss_value(
-    formula, y_true, y_pred, label_smoothing, pos_weight, axis, "none", None, None, elementwise
+  head = _function_head(_PER_SAMPLE, formula, label_smoothing, pos_weight, axis, elementwise)
+  e = eager(
+    head,
+    lambda: (formula, label_smoothing, pos_weight, axis, elementwise),
+    _PER_SAMPLE_CORE,
+    y_true,
+    y_pred,
   )
+  if e is not None:
+    return e.call(y_true, y_pred, e.smoothing, e.pos_weight, None, None)
+  layout, arrays = prepare_call(
+    y_true, y_pred, label_smoothing, pos_weight, axis, None, None, elementwise
+  )
+  note_concrete(y_true, y_pred)
+  return _loss_core(formula, layout, "none", *arrays)
+
+
+_PER_SAMPLE = ("loss", "none")  # the head's kind
+_PER_SAMPLE_CORE = (_checked_loss, "none")
