@@ -12,8 +12,9 @@ same hand-written formula, jitted, on the same inputs (weighted or masked as
 the loss weights or masks them). A row's ratio is to the baseline of its
 block.
 
-Run alone for the table, best of N interleaved samples (the figure to quote
-on a shared machine, where other work only ever adds time)::
+Run alone for the table, best of N interleaved samples in a new random order
+each round (the figure to quote on a shared machine, where other work only
+ever adds time)::
 
   PYTHONPATH=. python benchmarks/eager.py --repeats 200 --inner 20 --stat best
 """
@@ -21,6 +22,8 @@ on a shared machine, where other work only ever adds time)::
 from __future__ import annotations
 
 import argparse
+import gc
+import time
 from collections.abc import Callable
 
 import jax
@@ -156,6 +159,35 @@ def variant_calls(
   return base[0], out
 
 
+def _time_shuffled(calls: dict, repeats: int, inner: int, seed: int = 0) -> dict:
+  """As :func:`timing.time_interleaved`, with the calls in a new random order each repeat.
+
+  In a fixed order a call always follows the same one, and on this 2-core
+  machine some calls (the metric's, with four outputs) slowed the call after
+  them; a shuffled order spreads that over every call.
+  """
+  for call in calls.values():
+    for _ in range(3):
+      call()
+  samples: dict[str, list[float]] = {name: [] for name in calls}
+  order = list(calls)
+  rng = np.random.default_rng(seed)
+  gc.collect()
+  gc.disable()
+  try:
+    for _ in range(repeats):
+      rng.shuffle(order)
+      for name in order:
+        call = calls[name]
+        start = time.perf_counter()
+        for _ in range(inner):
+          call()
+        samples[name].append((time.perf_counter() - start) / inner)
+  finally:
+    gc.enable()
+  return {name: timing.Timing(samples[name], inner) for name in calls}
+
+
 def _statistic(t: timing.Timing, stat: str) -> float:
   return min(t.samples) if stat == "best" else t.median
 
@@ -166,6 +198,7 @@ def run(
   stat: str = "median",
   inner: int = CALLS_PER_SAMPLE,
   with_peers: bool = True,
+  shuffle: bool = False,
 ) -> list[dict]:
   """Times every call on every shape, each shape's blocks interleaved in one loop.
 
@@ -177,6 +210,9 @@ def run(
     with_peers: whether to time optax and Keras too, in a loop of their own
       with the baseline: their op-by-op calls leave threads busy that the
       next rows would wait for.
+    shuffle: time the calls in a new random order each repeat (see
+      :func:`_time_shuffled`) rather than in the fixed order of
+      :func:`timing.time_interleaved`.
 
   Returns:
     One record per shape: ``shape``, ``calls_per_sample``, ``stat`` and
@@ -190,7 +226,10 @@ def run(
     blocks = [(BASELINE, {name: c for name, c in ours.items() if name not in peer_loop})]
     blocks += [b for b in (variant_calls(shape, v) for v in VARIANTS) if b is not None]
     every = {name: call for _, block in blocks for name, call in block.items()}
-    timings = timing.time_interleaved(every, repeats, warmup=3, inner=inner)
+    if shuffle:
+      timings = _time_shuffled(every, repeats, inner)
+    else:
+      timings = timing.time_interleaved(every, repeats, warmup=3, inner=inner)
     peer_timings = {}
     if peer_loop:
       peer_loop = {BASELINE: ours[BASELINE], **peer_loop}
@@ -237,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
   def show(record: dict) -> None:
     print(report.eager_table([record]), flush=True)
 
-  records = run(args.repeats, show, args.stat, args.inner, args.peers)
+  records = run(args.repeats, show, args.stat, args.inner, args.peers, shuffle=True)
   print(targets.format_targets(targets.eager_targets(records)))
   return 0
 
