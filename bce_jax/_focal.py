@@ -219,18 +219,27 @@ def formula(from_logits, apply_class_balancing, alpha, gamma) -> _reduce.Formula
   never taken for ``True``): an eager call does not check them again. A
   failed check is not remembered, so it raises on every call.
   """
-  options = (from_logits, apply_class_balancing, alpha, gamma)
-  key: tuple | None = tuple((type(v), v) for v in options)
+  key = (
+    (type(from_logits), from_logits),
+    (type(apply_class_balancing), apply_class_balancing),
+    (type(alpha), alpha),
+    (type(gamma), gamma),
+  )
   try:
-    hash(key)
+    return _CHECKED[key]
+  except KeyError:
+    pass
   except TypeError:  # an array-valued option: checked (and refused) each time
-    key = None
-  return _formula(*options) if key is None else _checked_formula(key)
+    return _formula(from_logits, apply_class_balancing, alpha, gamma)
+  out = _formula(from_logits, apply_class_balancing, alpha, gamma)
+  if len(_CHECKED) >= 256:
+    _CHECKED.clear()
+  _CHECKED[key] = out
+  return out
 
 
-@functools.lru_cache(maxsize=256)
-def _checked_formula(typed_options) -> _reduce.Formula:
-  return _formula(*(v for _, v in typed_options))
+# The formulas of option tuples that passed their checks, keyed by value and type.
+_CHECKED: dict[tuple, _reduce.Formula] = {}
 
 
 def _formula(from_logits, apply_class_balancing, alpha, gamma) -> _reduce.Formula:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from bce_jax import _bce, _focal, _reduce, _state
+from bce_jax import _bce, _eager, _focal, _reduce, _state
 from bce_jax._config import Config
 from bce_jax._state import MetricState
 
@@ -89,10 +89,23 @@ class Metric(Config):
       The new state. An empty batch adds nothing.
     """
     tag = _tag(self)
-    state = _state.check_state(state, tag)
-    plan, arrays = _reduce.plan(self, self.call_config, y_true, y_pred, sample_weight, mask)
-    leaves = _update(plan.formula, plan.layout, *_state.leaves(state), *arrays)
-    return MetricState(*leaves, metric=tag)
+    eager = None
+    if _state.eager_state(state, tag, _eager.CONCRETE):
+      # The state's leaves are checked where the inputs are: as the call is traced.
+      checked = (_checked_update, tag)
+      eager = _eager.eager(self, self.call_config, checked, y_true, y_pred, sample_weight, mask)
+    if eager is not None:
+      arrays = (y_true, y_pred, eager.smoothing, eager.pos_weight, sample_weight, mask)
+      leaves = eager.call(*_state.leaves(state), *arrays)
+    else:
+      state = _state.check_state(state, tag)
+      formula, label_smoothing, pos_weight, axis, elementwise = self.call_config()
+      layout, arrays = _reduce.prepare_call(
+        y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask, elementwise
+      )
+      _eager.note_concrete(y_true, y_pred, sample_weight, mask)
+      leaves = _update(formula, layout, *_state.leaves(state), *arrays)
+    return _state.from_leaves(leaves, tag)
 
   def merge(self, state: MetricState, *others: MetricState) -> MetricState:
     """Combines states, as if one state had seen all their batches.
@@ -106,6 +119,14 @@ class Metric(Config):
     another `gamma`, raises a ValueError, under ``jax.jit`` at trace time.
     """
     tag = _tag(self)
+    concrete = _eager.CONCRETE
+    if (
+      others
+      and _state.eager_state(state, tag, concrete)
+      and all(_state.eager_state(o, tag, concrete) for o in others)
+    ):
+      leaves = [leaf for s in (state, *others) for leaf in _state.leaves(s)]
+      return _state.from_leaves(_eager.bound(_checked_merge, tag)(*leaves), tag)
     merged = _state.check_state(state, tag)
     if not others:
       raise TypeError("merge() needs at least one state besides `state`.")
@@ -130,7 +151,10 @@ class Metric(Config):
 
   def result(self, state: MetricState) -> jax.Array:
     """The weighted mean loss so far: a float32 scalar, 0.0 for an empty state."""
-    return _result(_state.check_state(state, _tag(self)))
+    tag = _tag(self)
+    if _state.eager_state(state, tag, _eager.CONCRETE):
+      return _eager.bound(_checked_result, tag)(*_state.leaves(state))
+    return _result(_state.check_state(state, tag))
 
 
 @jax.tree_util.register_static
@@ -242,14 +266,26 @@ def _accumulate(state: MetricState, total: jax.Array, count: jax.Array) -> Metri
   return MetricState(total, total_err, count, count_err, metric=state.metric)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _update(formula, layout, total, total_err, count, count_err, *arrays):
+def _update_value(formula, layout, total, total_err, count, count_err, *arrays):
   # The state's four arrays in and out, not the pytree: an eager call
   # dispatches faster with plain arguments.
   state = MetricState(total, total_err, count, count_err)
   batch_total, batch_count = _reduce.batch_sums(formula, layout, *arrays)
   state = _accumulate(state, batch_total, batch_count)
   return state.total, state.total_err, state.count, state.count_err
+
+
+_update = jax.jit(_update_value, static_argnums=(0, 1))
+
+
+def _checked_update(formula, label_smoothing, axis, axis_types, elementwise, tag, *args):
+  # An eager update, checked as it is traced (see bce_jax._eager): the
+  # state first, then the inputs, as a traced update checks them.
+  del axis_types
+  leaves, arrays = args[:4], args[4:]
+  _state.check_state(MetricState(*leaves, metric=tag), tag)
+  layout, arrays = _reduce.checked_call(label_smoothing, axis, elementwise, *arrays)
+  return _update_value(formula, layout, *leaves, *arrays)
 
 
 def _merge_two(a: MetricState, b: MetricState) -> MetricState:
@@ -263,6 +299,14 @@ def _merge(state: MetricState, others: tuple[MetricState, ...]) -> MetricState:
   for other in others:
     state = _merge_two(state, other)
   return state
+
+
+def _checked_merge(tag: str, *leaves) -> tuple[jax.Array, ...]:
+  # An eager merge of concrete states: their leaves are checked as it is traced.
+  states = [MetricState(*leaves[i : i + 4], metric=tag) for i in range(0, len(leaves), 4)]
+  state = _state.check_state(states[0], tag)
+  others = tuple(_state.check_state(o, tag, f"others[{i}]") for i, o in enumerate(states[1:]))
+  return _state.leaves(_merge(state, others))
 
 
 def _unsharded(leaf: jax.Array) -> jax.Array:
@@ -285,6 +329,11 @@ def _reduce_stacked(states: MetricState) -> MetricState:
   # From an empty state, merge by merge: merging into zeros is exact.
   states = jax.tree_util.tree_map(_unsharded, states)
   return jax.lax.scan(lambda acc, s: (_merge_two(acc, s), None), _init(states.metric), states)[0]
+
+
+def _checked_result(tag: str, *leaves) -> jax.Array:
+  # An eager result of a concrete state: its leaves are checked as it is traced.
+  return _result(_state.check_state(MetricState(*leaves, metric=tag), tag))
 
 
 @jax.jit

@@ -2,37 +2,35 @@
 
 Each public entry point checks its arguments in Python (:func:`prepare_call`),
 then makes one call to a jitted core here, compiled once per formula,
-configuration and shape. An eager call with jax arrays is checked once per
-configuration and input shapes and dtypes (:func:`plan`); later calls look
-the result up and dispatch the core with ready-made constants, so an eager
-call costs about one jitted dispatch. The cores hand the arrays, as given, to
-:func:`bce_jax._kernel.reduced` with a static :class:`Layout`, and turn its
-weighted sums into Keras 3's reductions.
+configuration and shape. An eager call with jax arrays instead calls the
+jitted callable of its configuration (:mod:`bce_jax._eager`), which runs the
+same checks as it is traced, once per input signature, so a repeated eager
+call costs about one jitted dispatch. The cores hand the arrays, as given,
+to :func:`bce_jax._kernel.reduced` with a static :class:`Layout`, and turn
+its weighted sums into Keras 3's reductions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from bce_jax import _checked, _validate
+from bce_jax._eager import eager, note_concrete
 from bce_jax._kernel import Formula, Layout, cpu_barrier, reduced, scaled_sums, small
 
 __all__ = [
   "Formula",
   "Layout",
-  "Plan",
   "axis_mean",
   "batch_sums",
+  "checked_call",
   "elementwise",
   "flag",
-  "loss_value",
   "object_loss",
-  "plan",
   "prepare_call",
 ]
 
@@ -139,8 +137,7 @@ def _unmasked(layout, mask, dtype):
   return jnp.sum(mask.astype(dtype))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _elementwise_core(formula, shape, y_true, y_pred, smoothing, pos_weight):
+def _elementwise_value(formula, shape, y_true, y_pred, smoothing, pos_weight):
   # Each element is its own row: the row sums are the element losses.
   layout = Layout(shape, ())
   _value_checks(formula, layout, y_true, y_pred, smoothing, pos_weight, None, None)
@@ -148,8 +145,7 @@ def _elementwise_core(formula, shape, y_true, y_pred, smoothing, pos_weight):
   return losses.reshape(shape)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _loss_core(formula, layout, reduction, *arrays):
+def _loss_value(formula, layout, reduction, *arrays):
   _value_checks(formula, layout, *arrays)
   width = max(layout.width, 1)
   if reduction == "none":
@@ -165,6 +161,11 @@ def _loss_core(formula, layout, reduction, *arrays):
       count = _unmasked(layout, mask, total.dtype)
     value, scale = _divide_or_zero(value, count), _divide_or_zero(scale, count)
   return _unless_overflow(value, total, formula, layout, arrays, scale)
+
+
+# The jitted cores of a call checked in Python; the static configuration is an argument.
+_elementwise_core = jax.jit(_elementwise_value, static_argnums=(0, 1))
+_loss_core = jax.jit(_loss_value, static_argnums=(0, 1, 2))
 
 
 def _unless_overflow(value, total, formula, layout, arrays, scale):
@@ -224,102 +225,33 @@ def batch_sums(formula, layout, *arrays):
 
 
 # --------------------------------------------------------------------------
-# Eager calls: the checks of a call, once per configuration and input signature.
+# Eager calls: one jitted callable per configuration, checked as it is traced.
 
 
-class Plan(NamedTuple):
-  """What the checks of a call found: its formula, layout and constant arguments.
-
-  `layout` is a :class:`Layout`, or the aligned shape for element losses;
-  `smoothing` and `pos_weight` are passed to the jitted core as they are.
-  """
-
-  formula: Formula
-  layout: Any
-  smoothing: Any
-  pos_weight: Any
+def _checked_elementwise(formula, label_smoothing, axis, axis_types, elementwise, *arrays):
+  del axis, axis_types, elementwise
+  y_true, y_pred, smoothing, pos_weight = arrays
+  (y_true, y_pred, _, pos_weight), shape = _prepare(y_true, y_pred, label_smoothing, pos_weight)
+  return _elementwise_value(formula, shape, y_true, y_pred, smoothing, pos_weight)
 
 
-_PLANS: dict[Any, Plan] = {}
-_MAX_PLANS = 4096
-# The types of the concrete jax arrays seen at an entry (never a tracer's).
-_CONCRETE: set[type] = set()
+def _checked_loss(formula, label_smoothing, axis, axis_types, elementwise, reduction, *arrays):
+  del axis_types
+  layout, arrays = checked_call(label_smoothing, axis, elementwise, *arrays)
+  return _loss_value(formula, layout, reduction, *arrays)
 
 
-def _key(head, y_true, y_pred, sample_weight, mask) -> tuple | None:
-  """The key of an eager call's plan; None when an input is traced or not a jax array.
-
-  The checks look only at shapes, dtypes and configuration, so a call with
-  a planned key passes them: it skips them and their conversions.
-  """
-  concrete = _CONCRETE
-  if head is None or type(y_true) not in concrete or type(y_pred) not in concrete:
-    return None
-  x64 = jax.config.read("jax_enable_x64")
-  key: tuple[Any, ...] = (head, x64, y_true.shape, y_true.dtype, y_pred.shape, y_pred.dtype)
-  for x in (sample_weight, mask):
-    if x is None:
-      key += (None,)
-    elif type(x) in concrete:
-      key += (x.shape, x.dtype)
-    else:
-      return None
-  return key
-
-
-def _note_concrete(*xs) -> None:
-  for x in xs:
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-      _CONCRETE.add(type(x))
-
-
-def plan(head, config, y_true, y_pred, sample_weight=None, mask=None, per_element=False):
-  """Checks a call (once per `head` and input signature); returns its plan and arrays.
-
-  Args:
-    head: a hashable naming everything `config` returns (a loss or metric
-      object), or None: the call is checked every time.
-    config: ``() -> (formula, label_smoothing, pos_weight, axis,
-      elementwise)``, called only when the call is checked.
-    y_true, y_pred, sample_weight, mask: the call's inputs.
-    per_element: the element losses (no axis, weight or mask): the plan's
-      layout is then the aligned shape.
-
-  Returns:
-    The :class:`Plan` and the arrays for the jitted core: ``(y_true, y_pred,
-    smoothing, pos_weight, sample_weight, mask)``.
-  """
-  key = _key(head, y_true, y_pred, sample_weight, mask)
-  if key is not None:
-    try:
-      hit = _PLANS.get(key)
-    except TypeError:  # an unhashable argument (an axis list): checked every time
-      hit, key = None, None
-    if hit is not None:
-      return hit, (y_true, y_pred, hit.smoothing, hit.pos_weight, sample_weight, mask)
-  formula, label_smoothing, pos_weight, axis, elementwise = config()
-  # A planned call keeps its constants: they must be arrays, not tracers.
-  with jax.ensure_compile_time_eval() if key is not None else contextlib.nullcontext():
-    if per_element:
-      arrays, layout = _prepare(y_true, y_pred, label_smoothing, pos_weight)
-      arrays += (None, None)
-    else:
-      layout, arrays = prepare_call(
-        y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask, elementwise
-      )
-    if key is not None:
-      arrays = (arrays[0], arrays[1], jnp.asarray(label_smoothing), *arrays[3:])
-  out = Plan(formula, layout, arrays[2], arrays[3])
-  if key is not None:
-    if len(_PLANS) >= _MAX_PLANS:
-      _PLANS.clear()
-    _PLANS[key] = out
-  _note_concrete(y_true, y_pred, sample_weight, mask)
-  return out, arrays
+def checked_call(label_smoothing, axis, elementwise, *arrays):
+  """:func:`prepare_call` while an eager callable is traced; the `smoothing` array is kept."""
+  y_true, y_pred, smoothing, pos_weight, sample_weight, mask = arrays
+  layout, arrays = prepare_call(
+    y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask, elementwise
+  )
+  return layout, (arrays[0], arrays[1], smoothing, *arrays[3:])
 
 
 def _function_head(kind, formula, label_smoothing, pos_weight, axis, elementwise):
-  """The plan head of a public function's call; None (never planned) for array arguments."""
+  """The head of a public function's call; None (checked in Python) for array arguments."""
   if pos_weight is not None or type(label_smoothing) is not float:
     return None
   # `axis` by value and type: 1.0 == True == 1, and only the int passes its check.
@@ -334,51 +266,54 @@ def _function_head(kind, formula, label_smoothing, pos_weight, axis, elementwise
 def elementwise(formula, y_true, y_pred, label_smoothing, pos_weight) -> jax.Array:
   """The element losses of a formula (no reduction)."""
   head = _function_head("elementwise", formula, label_smoothing, pos_weight, None, None)
-  p, arrays = plan(
+  e = eager(
     head,
     lambda: (formula, label_smoothing, pos_weight, None, None),
+    (_checked_elementwise,),
     y_true,
     y_pred,
-    per_element=True,
   )
-  return _elementwise_core(formula, p.layout, *arrays[:4])
+  if e is not None:
+    return e.call(y_true, y_pred, e.smoothing, e.pos_weight)
+  arrays, shape = _prepare(y_true, y_pred, label_smoothing, pos_weight)
+  note_concrete(y_true, y_pred)
+  return _elementwise_core(formula, shape, *arrays)
 
 
 def object_loss(loss, y_true, y_pred, sample_weight=None, mask=None) -> jax.Array:
   """A loss object's value; `loss` gives its formula, options and reduction."""
-  p, arrays = plan(loss, loss.call_config, y_true, y_pred, sample_weight, mask)
-  return _loss_core(p.formula, p.layout, loss.reduction, *arrays)
-
-
-def loss_value(
-  formula,
-  y_true,
-  y_pred,
-  label_smoothing,
-  pos_weight,
-  axis,
-  reduction,
-  sample_weight=None,
-  mask=None,
-  elementwise=None,
-) -> jax.Array:
-  """A loss's value: per-sample losses, weighted, masked and reduced."""
-  head = _function_head("loss", formula, label_smoothing, pos_weight, axis, elementwise)
-  p, arrays = plan(
-    head,
-    lambda: (formula, label_smoothing, pos_weight, axis, elementwise),
-    y_true,
-    y_pred,
-    sample_weight,
-    mask,
+  checked = (_checked_loss, loss.reduction)
+  e = eager(loss, loss.call_config, checked, y_true, y_pred, sample_weight, mask)
+  if e is not None:
+    return e.call(y_true, y_pred, e.smoothing, e.pos_weight, sample_weight, mask)
+  formula, label_smoothing, pos_weight, axis, elementwise = loss.call_config()
+  layout, arrays = prepare_call(
+    y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask, elementwise
   )
-  return _loss_core(p.formula, p.layout, reduction, *arrays)
+  note_concrete(y_true, y_pred, sample_weight, mask)
+  return _loss_core(formula, layout, loss.reduction, *arrays)
 
 
 def axis_mean(
   formula, y_true, y_pred, label_smoothing, pos_weight, axis, elementwise=None
 ) -> jax.Array:
   """The per-sample losses: element losses averaged over `axis`."""
-  return loss_value(
-    formula, y_true, y_pred, label_smoothing, pos_weight, axis, "none", None, None, elementwise
+  head = _function_head(_PER_SAMPLE, formula, label_smoothing, pos_weight, axis, elementwise)
+  e = eager(
+    head,
+    lambda: (formula, label_smoothing, pos_weight, axis, elementwise),
+    _PER_SAMPLE_CORE,
+    y_true,
+    y_pred,
   )
+  if e is not None:
+    return e.call(y_true, y_pred, e.smoothing, e.pos_weight, None, None)
+  layout, arrays = prepare_call(
+    y_true, y_pred, label_smoothing, pos_weight, axis, None, None, elementwise
+  )
+  note_concrete(y_true, y_pred)
+  return _loss_core(formula, layout, "none", *arrays)
+
+
+_PER_SAMPLE = ("loss", "none")  # the head's kind
+_PER_SAMPLE_CORE = (_checked_loss, "none")

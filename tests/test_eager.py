@@ -1,11 +1,17 @@
-"""Eager calls: checked once per configuration and input signature, then planned.
+"""Eager calls: one jitted callable per configuration, checked as it is traced.
 
-A planned call skips the argument checks; these tests show that it gives
-the same values as the first, checked, call and as the jitted call, that a
-bad call raises every time (even after good calls of the same object),
-that a plan made while tracing holds no tracer, and that the x64 mode
-is part of the plan.
+An eager call with jax arrays goes straight to a jitted callable; its
+argument checks run when that callable is traced, once per input signature.
+These tests show that it gives the same values as the first, checked, call
+and as the jitted call (to the bit or within 1 ulp), for every input dtype,
+weight and mask, that a bad call raises the same error every time (even
+after good calls of the same object, the metric's states included), that a
+plan made while tracing holds no tracer, and that the x64 mode is part of
+the plan.
 """
+
+import dataclasses
+import pickle
 
 import chex
 import jax
@@ -157,3 +163,164 @@ class PlanContextTest(parameterized.TestCase):
       want = ref.elementwise(np.asarray(y, np.float64), x64, True, 0.1).mean()
       np.testing.assert_allclose(float(got), want, rtol=1e-13)
     self.assertEqual(bce(y, x).dtype, jnp.float32)
+
+
+def _weighted_case(seed, shape, dtype):
+  rng = np.random.default_rng(seed)
+  y = jnp.asarray(rng.random(shape) < 0.5, dtype)
+  x = jnp.asarray(3.0 * rng.standard_normal(shape), dtype)
+  w = jnp.asarray(rng.random(shape[0]), jnp.float32)
+  m = jnp.asarray(np.arange(shape[0]) % 3 != 1)
+  return y, x, w, m
+
+
+def _assert_within_one_ulp(got, want):
+  got, want = np.asarray(got), np.asarray(want)
+  np.testing.assert_array_max_ulp(got, want, maxulp=1)
+
+
+_OBJECTS = {
+  "bce": bce_jax.BinaryCrossentropy(from_logits=True),
+  "bce_probabilities": bce_jax.BinaryCrossentropy(label_smoothing=0.1),
+  "focal": bce_jax.BinaryFocalCrossentropy(from_logits=True, gamma=1.5),
+  "bce_per_sample": bce_jax.BinaryCrossentropy(from_logits=True, reduction=None),
+}
+
+
+class SignatureTest(parameterized.TestCase):
+  """One object called with every signature in turn: each is its own compiled program."""
+
+  @parameterized.named_parameters(*_OBJECTS.items())
+  def test_each_signature_equals_its_jitted_call(self, loss):
+    signatures = (
+      ((6, 4), jnp.float32, ()),
+      ((6, 4), jnp.bfloat16, ("sample_weight",)),
+      ((6, 2, 3), jnp.float32, ("mask",)),
+      ((6, 4), jnp.float32, ("sample_weight", "mask")),
+    )
+    jitted_loss = jax.jit(lambda y, x, kw: loss(y, x, **kw))
+    for shape, dtype, names in signatures:
+      y, x, w, m = _weighted_case(1, shape, dtype)
+      if not loss.from_logits:
+        x = jax.nn.sigmoid(x)
+      kw = {name: {"sample_weight": w, "mask": m}[name] for name in names}
+      first, second = loss(y, x, **kw), loss(y, x, **kw)  # checked, then eager
+      jitted = jitted_loss(y, x, kw)
+      chex.assert_trees_all_equal(first, second)
+      self.assertEqual(second.dtype, jitted.dtype)
+      _assert_within_one_ulp(second, jitted)
+
+  def test_functions_per_dtype_equal_their_jitted_calls(self):
+    calls = [
+      lambda y, x: bce_jax.binary_crossentropy(y, x, from_logits=True),
+      lambda y, x: bce_jax.binary_crossentropy_elementwise(y, x, from_logits=True),
+      lambda y, x: bce_jax.binary_focal_crossentropy_elementwise(y, x, True, 0.3, 1.0, True),
+    ]
+    for dtype in (jnp.float32, jnp.bfloat16):
+      y, x, _, _ = _weighted_case(2, (5, 3), dtype)
+      for call in calls:
+        eager = [call(y, x) for _ in range(2)]
+        chex.assert_trees_all_equal(*eager)
+        _assert_within_one_ulp(eager[1], jax.jit(call)(y, x))
+
+  def test_numpy_inputs_are_checked_and_give_the_same_values(self):
+    y, x, w, _ = _weighted_case(3, (4, 5), jnp.float32)
+    bce = bce_jax.BinaryCrossentropy(from_logits=True)
+    eager = bce(y, x, w)
+    bce(y, x, w)
+    with_numpy = bce(np.asarray(y), np.asarray(x), np.asarray(w))
+    chex.assert_trees_all_equal(eager, with_numpy)
+    with self.assertRaisesRegex(ValueError, "`sample_weight` with shape"):
+      bce(np.asarray(y), np.asarray(x), np.ones(3, np.float32))
+
+  def test_the_same_shapes_in_another_dtype_are_checked_again(self):
+    y, x = _case(4)
+    bce = bce_jax.BinaryCrossentropy(from_logits=True)
+    mask = jnp.ones((6,), bool)
+    for _ in range(2):
+      bce(y, x, mask=mask)
+    for _ in range(2):
+      with self.assertRaisesRegex(TypeError, "`mask` must be a boolean array"):
+        bce(y, x, mask=jnp.ones((6,), jnp.int32))
+      with self.assertRaisesRegex(TypeError, "`y_true` has complex dtype"):
+        bce(y.astype(jnp.complex64), x, mask=mask)
+
+  def test_a_weight_after_unweighted_calls_is_checked(self):
+    y, x = _case(5)
+    bce = bce_jax.BinaryCrossentropy(from_logits=True)
+    bce(y, x)
+    bce(y, x)
+    for _ in range(2):
+      with self.assertRaisesRegex(ValueError, "`mask` with shape"):
+        bce(y, x, mask=jnp.ones((4, 6), bool))
+      with self.assertRaisesRegex(TypeError, "`sample_weight` has complex dtype"):
+        bce(y, x, sample_weight=jnp.ones((6,), jnp.complex64))
+
+  def test_elementwise_shapes_are_checked_after_good_calls(self):
+    y, x = _case(6)
+    for _ in range(2):
+      bce_jax.binary_crossentropy_elementwise(y, x, from_logits=True)
+    for _ in range(2):
+      with self.assertRaisesRegex(ValueError, "`y_true` and `y_pred` must have the same shape"):
+        bce_jax.binary_crossentropy_elementwise(y[:, :2], x, from_logits=True)
+
+
+class MetricEagerTest(parameterized.TestCase):
+  def _states(self):
+    y, x, w, m = _weighted_case(7, (6, 4), jnp.float32)
+    metric = bce_jax.BinaryFocalCrossentropyMetric(from_logits=True)
+    state = metric.init()
+    for kw in ({}, {"sample_weight": w}, {"mask": m}, {}):
+      state = metric.update(state, y, x, **kw)
+    return metric, state, (y, x, w, m)
+
+  def test_eager_methods_equal_jitted_ones(self):
+    metric, state, (y, x, w, m) = self._states()
+    jitted = metric.init()
+    for kw in ({}, {"sample_weight": w}, {"mask": m}, {}):
+      jitted = jax.jit(lambda s, y, x, kw: metric.update(s, y, x, **kw))(jitted, y, x, kw)
+    chex.assert_trees_all_equal(state, jitted)
+    self.assertEqual(jax.tree_util.tree_structure(state), jax.tree_util.tree_structure(jitted))
+    chex.assert_trees_all_equal(metric.merge(state, state), jax.jit(metric.merge)(state, state))
+    chex.assert_trees_all_equal(metric.result(state), jax.jit(metric.result)(state))
+
+  def test_an_eager_state_is_an_ordinary_state(self):
+    metric, state, _ = self._states()
+    self.assertIs(type(state), bce_jax.MetricState)
+    self.assertEqual(state.metric, metric.init().metric)
+    chex.assert_trees_all_equal(pickle.loads(pickle.dumps(state)), state)
+    replaced = dataclasses.replace(state, count_err=jnp.float32(0))
+    self.assertEqual(float(replaced.count_err), 0.0)
+    with self.assertRaises(dataclasses.FrozenInstanceError):
+      state.total = jnp.float32(0)  # type: ignore[misc]
+
+  def test_malformed_states_are_refused_every_time_by_every_method(self):
+    metric, state, (y, x, _, _) = self._states()
+    metric.merge(state, state)
+    metric.result(state)
+    bad_shape = dataclasses.replace(state, count=state.count[None])
+    bad_dtype = dataclasses.replace(state, total_err=jnp.int32(0))
+    for _ in range(2):
+      with self.assertRaisesRegex(ValueError, r"`state.count` must be a float32 scalar"):
+        metric.update(bad_shape, y, x)
+      with self.assertRaisesRegex(ValueError, r"`state.total_err` must be a float32 scalar"):
+        metric.update(bad_dtype, y, x)
+      with self.assertRaisesRegex(ValueError, r"`others\[1\].count` must be a float32 scalar"):
+        metric.merge(state, state, bad_shape)
+      with self.assertRaisesRegex(ValueError, r"`state.total_err` must be a float32 scalar"):
+        metric.merge(bad_dtype, state)
+      with self.assertRaisesRegex(ValueError, r"`state.count` must be a float32 scalar"):
+        metric.result(bad_shape)
+      with self.assertRaisesRegex(ValueError, "`y_true` and `y_pred` must have the same shape"):
+        metric.update(state, y[:, :3], x)
+
+  def test_a_state_of_another_configuration_is_refused_after_updates(self):
+    _, state, (y, x, _, _) = self._states()
+    other = bce_jax.BinaryFocalCrossentropyMetric(from_logits=True, gamma=3.0)
+    for _ in range(2):
+      with self.assertRaisesRegex(ValueError, "was made by"):
+        other.update(state, y, x)
+      with self.assertRaisesRegex(ValueError, "was made by"):
+        other.merge(other.init(), state)
+      with self.assertRaisesRegex(ValueError, "was made by"):
+        other.result(state)
