@@ -241,14 +241,16 @@ def scaled_sums(formula: Formula, layout: Layout, rows: bool, scale, *raw) -> ja
   (not differentiable: its callers keep the derivative of :func:`reduced`).
   """
   labels, preds, pos_weight, smoothing, weight = _rows_inputs(layout, *raw)
-  if weight is not None:
-    keep = (weight != 0)[:, None]
-    labels = jnp.where(keep, labels, jnp.zeros((), labels.dtype))
-    preds = jnp.where(keep, preds, jnp.zeros((), preds.dtype))
   losses = _losses(formula, labels, preds, pos_weight, smoothing, safe=True)
-  factor = scale if weight is None else (weight * scale)[:, None]
-  terms = losses * factor.astype(losses.dtype)
-  return jnp.sum(terms, axis=-1) if rows else jnp.sum(terms)
+  if weight is None:
+    terms = losses * jnp.asarray(scale, losses.dtype)
+    return jnp.sum(terms, axis=-1) if rows else jnp.sum(terms)
+  # Each row's scaled terms summed first, then weighted; an excluded row's
+  # sum (whatever its inputs made it: nan, inf) is dropped by one select on
+  # the rows, cheaper than sanitizing every element.
+  sums = jnp.sum(losses * jnp.asarray(scale, losses.dtype), axis=-1)
+  sums = jnp.where(weight != 0, sums * weight.astype(sums.dtype), jnp.zeros((), sums.dtype))
+  return sums if rows else jnp.sum(sums)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
