@@ -17,7 +17,12 @@ holds the custom VJP, the public function and the loss object.
 On a CUDA GPU each sweep is instead two fused Pallas kernels
 (:mod:`bce_jax._tiles.pallas_triton`) that keep every tile on chip; the
 choice, and each backend's tile size, is made at lowering time in
-:mod:`bce_jax._tiles.backend`.
+:mod:`bce_jax._tiles.backend`. With 16-bit embeddings where the kernels may
+run, the residuals ``dL/dx`` and ``dL/dy`` are kept in the embeddings' dtype:
+the forward pass folds ``1 / count`` (the mean's divisor) into them, the
+Triton kernels round their float32 sums once and write them (no float32 ``[B, D]``
+buffer on one device; at B = 65,536, D = 512, 128 MiB instead of 256), and
+the backward pass multiplies by the caller's cotangent, exactly for 1.
 """
 
 from __future__ import annotations
@@ -47,24 +52,46 @@ _MODE = "fused"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _local_sum(plans: tuple[_ring.Plan, _ring.Plan | None], x, y, ids, mask, scale, bias):
-  """``sum_{i on this device, all j} softplus(-z_ij l_ij)`` over included rows."""
-  return _ring.run(plans, x, y, ids, mask, scale, bias, value=True, grads=False)["value"]
+def _local_sum(plans: tuple[_ring.Plan, _ring.Plan | None], x, y, ids, mask, scale, bias, count):
+  """``sum_{i on this device, all j} softplus(-z_ij l_ij)`` over included rows.
+
+  `count` divides the sum afterwards (in :func:`_mean`): the cotangent that
+  arrives here is the caller's over `count`. With 16-bit embeddings on the
+  kernels (``plan.narrow``) the forward pass folds ``1 / count`` into the
+  derivatives it keeps, rounded once to the embeddings' dtype, and the
+  backward pass multiplies them by ``cotangent * count`` (1 for a plain
+  ``jax.grad``: no second rounding).
+  """
+  return _ring.run(plans, x, y, ids, mask, scale, bias, count, value=True, grads=False)["value"]
 
 
 def _local_sum_fwd(plans, *args):
   if plans[0].mode == "recompute":
     return _local_sum(plans, *args), args
   out = _ring.run(plans, *args, value=True, grads=True)
+  out["count"] = args[-1]
   return out.pop("value"), out
+
+
+def _times(ct: jax.Array, res: jax.Array, dtype) -> jax.Array:
+  """``ct * res`` in `dtype`; bfloat16 derivatives are multiplied in
+  bfloat16 (exact for ``ct`` 1), with no float32 copy of them."""
+  if res.dtype == dtype == jnp.bfloat16:
+    return ct.astype(dtype) * res
+  return (ct * res).astype(dtype)
 
 
 def _local_sum_bwd(plans, res, ct):
   plan = plans[0]
   if plan.mode == "recompute":
+    count = res[-1]
     res = _ring.run(plans, *res, value=False, grads=True)
-  dx, dy = (ct * res["dx"]).astype(plan.dtypes[0]), (ct * res["dy"]).astype(plan.dtypes[1])
-  return dx, dy, None, None, ct * res["dscale"], ct * res["dbias"]
+  else:
+    count = res["count"]
+  if plan.narrow:  # derivatives of sum / count: the caller's cotangent
+    ct = ct * count
+  dx, dy = _times(ct, res["dx"], plan.dtypes[0]), _times(ct, res["dy"], plan.dtypes[1])
+  return dx, dy, None, None, ct * res["dscale"], ct * res["dbias"], None
 
 
 _local_sum.defvjp(_local_sum_fwd, _local_sum_bwd)
@@ -99,7 +126,9 @@ def pairwise_sigmoid_loss(
 
   Args:
     x: embeddings of one tower, ``[B, D]``, any float dtype (float16 and
-      bfloat16 are computed and accumulated in float32).
+      bfloat16 are computed and accumulated in float32; their gradients
+      are those float32 sums rounded once, twice for a cotangent other
+      than 1, and what the backward pass keeps of them is in their dtype).
     y: embeddings of the other tower, the same shape; row ``i`` of `y` is
       the positive partner of row ``i`` of `x`.
     scale: ``s``, a scalar; it may be traced and trained (SigLIP learns
@@ -214,6 +243,11 @@ def pairwise_sigmoid_loss(
     if implementation == "xla" or _backend.kernel_refusal(embeddings, bool(varying)):
       on_cuda = dataclasses.replace(plan, block=_backend.choose_block(rows, block_size, "cuda"))
     plans = (dataclasses.replace(plan, block=_backend.choose_block(rows, block_size)), on_cuda)
+  # 16-bit embeddings where the kernels may run: 16-bit residuals, in every
+  # branch (platform_dependent's branches return the same types).
+  if all(d.itemsize == 2 for d in dtypes) and any(p is not None and p.kernel for p in plans):
+    narrow = functools.partial(dataclasses.replace, narrow=True)
+    plans = (narrow(plans[0]), None if plans[1] is None else narrow(plans[1]))
   return _mean(plans, *operands)
 
 
@@ -223,15 +257,19 @@ def _mean(plans: tuple[_ring.Plan, _ring.Plan | None], x, y, ids, mask, scale, b
   it is one program, compiled as it is inside a caller's ``jax.jit``, so
   both give the same bits (the per-platform choice is one ``cond``)."""
   plan, axis_name = plans[0], plans[0].axis_name
-  total = _local_sum(plans, x, y, ids, mask, scale, bias)
   if mask is None:
-    total = total if axis_name is None else jax.lax.psum(total, axis_name)
+    divisor = jnp.asarray(plan.rows * plan.devices, scale.dtype)
+  else:
+    count = jnp.sum(mask, dtype=jnp.int32)  # the included rows
+    count = count if axis_name is None else jax.lax.psum(count, axis_name)
+    divisor = jnp.maximum(count.astype(scale.dtype), 1)
+  # An argument of the custom VJP: varying over the axes the others vary over.
+  varying = _shard.varying(divisor, _shard.varying_axes(x))
+  total = _local_sum(plans, x, y, ids, mask, scale, bias, varying)
+  total = total if axis_name is None else jax.lax.psum(total, axis_name)
+  if mask is None:
     return total / (plan.rows * plan.devices)
-  count = jnp.sum(mask, dtype=jnp.int32)  # the included rows
-  if axis_name is not None:
-    total, count = jax.lax.psum((total, count), axis_name)
-  count = count.astype(scale.dtype)
-  return jnp.where(count > 0, total / jnp.maximum(count, 1), 0)  # no rows: 0, not nan
+  return jnp.where(count > 0, total / divisor, 0)  # no rows: 0, not nan
 
 
 @jax.tree_util.register_static

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 from collections.abc import Hashable
 
 import jax
@@ -38,6 +39,9 @@ class Plan:
   dtypes: tuple[np.dtype, np.dtype]  # of x and y, for their cotangents
   precision: str | None = None  # of the tiles' dots, by name
   kernel: bool | str = False  # each sweep runs the Pallas kernels ("mosaic": Mosaic GPU's)
+  # The derivatives come out divided by the count and in the embeddings'
+  # (16-bit) dtypes: residuals of half the bytes, rounded once (see _ring).
+  narrow: bool = False
 
   @property
   def padded(self) -> int:
@@ -98,13 +102,24 @@ def _blocks(side: dict[str, jax.Array], plan: Plan) -> dict[str, jax.Array]:
   return out
 
 
-def _sweep(row, col, s, b, plan: Plan, *, value: bool, grads: bool):
+def _sweep(row, col, s, b, plan: Plan, *, value: bool, grads: bool, factor=None, dtypes=None):
   """All tiles of this device's rows against one shard of columns: the row
-  sums of the losses and of g, ``sum_j g_ij y_j`` and ``sum_i g_ij x_i``."""
+  sums of the losses and of g, ``sum_j g_ij y_j`` and ``sum_i g_ij x_i``.
+  The kernels take `factor` and `dtypes` (see :func:`.backend.kernel_sweep`);
+  the XLA tiles ignore them."""
   precision = _backend.lax_precision(plan.precision)
   if plan.kernel:
     return _backend.kernel_sweep(
-      row, col, s, b, value=value, grads=grads, precision=precision, kernel=plan.kernel
+      row,
+      col,
+      s,
+      b,
+      value=value,
+      grads=grads,
+      precision=precision,
+      kernel=plan.kernel,
+      factor=factor,
+      dtypes=dtypes,
     )
   dim, like = row["x"].shape[1], (row, col, s, b)
 
@@ -124,12 +139,22 @@ def _sweep(row, col, s, b, plan: Plan, *, value: bool, grads: bool):
   return {**out, "dy": dy} if grads else out
 
 
-def _ring(plan: Plan, x, y, ids, mask, s, b, *, value: bool, grads: bool) -> dict[str, jax.Array]:
+def _ring(
+  plan: Plan, x, y, ids, mask, s, b, count, *, value: bool, grads: bool
+) -> dict[str, jax.Array]:
   """This device's loss sum against every y shard and, with `grads`, the
   derivatives of the sum over all devices w.r.t. this device's arguments.
 
   Rows padded to a whole block, and rows the mask excludes, are zero in x
   and y and False in ``"ok"``, the validity of a tile's rows and columns.
+
+  With ``plan.narrow`` the derivatives are those of ``sum / count`` and
+  ``dx``, ``dy`` come in ``plan.dtypes`` (16-bit): the kernels scale their
+  float32 sums by ``s / count`` and write the 16-bit dtype themselves on
+  one device (no float32 ``[B, D]`` buffer); on a ring they write float32
+  partials, added across steps and rounded after the last. The XLA tiles
+  scale and cast at the end, so that both ``platform_dependent`` branches
+  return the same types. Otherwise the derivatives are float32, of the sum.
   """
   n, axis, extra = plan.devices, plan.axis_name, plan.padded - plan.rows
   pad = lambda a: jnp.pad(a, ((0, extra),) + ((0, 0),) * (a.ndim - 1)) if extra else a
@@ -151,6 +176,12 @@ def _ring(plan: Plan, x, y, ids, mask, s, b, *, value: bool, grads: bool) -> dic
   ship = functools.partial(
     jax.lax.ppermute, axis_name=axis, perm=[(i, (i + 1) % n) for i in range(n)]
   )
+  narrow = plan.narrow and grads
+  unit = 1 / count  # used where narrow
+  scaled = narrow and bool(plan.kernel)  # the kernels apply s / count themselves
+  factor = s * unit if scaled else None
+  # The kernels write 16-bit derivatives where a sweep gives them whole.
+  written = plan.dtypes if n == 1 else (s.dtype, s.dtype)
 
   def shipped(col):
     return {k: ship(v) if k in moving else v for k, v in col.items()}
@@ -158,21 +189,32 @@ def _ring(plan: Plan, x, y, ids, mask, s, b, *, value: bool, grads: bool) -> dic
   def sweep(acc, col, step, dy_in):
     if ids is None:
       col = {**col, "start": ((me - step) % n) * plan.padded}
-    out = _sweep(row, col, s, b, plan, value=value, grads=grads)
-    acc = {k: acc[k] + out[k] for k in acc}
+    out = _sweep(row, col, s, b, plan, value=value, grads=grads, factor=factor, dtypes=written)
+    dy = out.pop("dy", None)
+    if acc is None:  # the first step; on a ring the sums across steps stay float32
+      wide = (lambda v: v) if n == 1 else lambda v: v.astype(jnp.promote_types(v.dtype, s.dtype))
+      acc = {k: wide(v) for k, v in out.items()}
+    else:
+      acc = {k: acc[k] + out[k] for k in acc}
     if not grads:
       return acc, None
-    dy = s * out["dy"]  # this device's scale, for the rows of the visiting shard
+    if not scaled:
+      dy = s * dy  # this device's scale, for the rows of the visiting shard
     return acc, dy if dy_in is None else dy_in + dy
 
-  acc = _zeros((row, col, s, b), plan.padded, x.shape[1], s.dtype, value=value, grads=grads)
+  def finish_dy(dy):  # the visiting shard's dL/dy, complete
+    if narrow:
+      return (dy if scaled else unit * dy).astype(plan.dtypes[1])
+    return dy
+
   if n == 1:
-    acc, dy = sweep(acc, col, 0, None)
+    acc, dy = sweep(None, col, 0, None)
+    dy = finish_dy(dy) if grads else None
   else:
     # Each step first sends its shard on (and the partials of the shard
     # before it), then sweeps the shard it holds.
     col_next = shipped(col)
-    acc, dy = sweep(acc, col, 0, None)
+    acc, dy = sweep(None, col, 0, None)
 
     def middle(step, carry):
       acc, col, dy = carry
@@ -182,13 +224,20 @@ def _ring(plan: Plan, x, y, ids, mask, s, b, *, value: bool, grads: bool) -> dic
 
     acc, col, dy = jax.lax.fori_loop(1, n - 1, middle, (acc, col_next, dy))
     acc, dy = sweep(acc, col, n - 1, ship(dy) if grads else None)
-    dy = ship(dy) if grads else None  # home, to the shard's own device
+    dy = ship(finish_dy(dy)) if grads else None  # home, to the shard's own device
   rows = plan.rows
   out = {"value": jnp.sum(acc["loss"][:rows])} if value else {}
-  if grads:
-    dx = acc["dx"][:rows]
-    out.update(dx=s * dx, dy=dy[:rows], dbias=jnp.sum(acc["g"][:rows]))
-    out["dscale"] = jnp.sum(x[:rows].astype(s.dtype) * dx)  # sum_ij g_ij <x_i, y_j>
+  if not grads:
+    return out
+  dx, dbias = acc["dx"][:rows], jnp.sum(acc["g"][:rows])
+  if scaled:  # s dx / count already; sum_ij g_ij <x_i, y_j> from the kernels' float32 sums
+    out.update(dx=dx.astype(plan.dtypes[0]), dscale=unit * jnp.sum(acc["gdot"][:rows]))
+  else:
+    dscale = jnp.sum(x[:rows].astype(s.dtype) * dx)  # sum_ij g_ij <x_i, y_j>
+    out.update(dx=s * dx, dscale=dscale)
+  if narrow and not scaled:
+    out.update(dx=(unit * out["dx"]).astype(plan.dtypes[0]), dscale=unit * out["dscale"])
+  out.update(dy=typing.cast(jax.Array, dy)[:rows], dbias=unit * dbias if narrow else dbias)
   return out
 
 

@@ -14,6 +14,11 @@ choice of the pairwise loss (:mod:`bce_jax._pairwise`) and the linear BCE
   and bfloat16 embeddings at the default precision; refused elsewhere. ``None`` keeps the Triton kernels on ``cuda`` until a
   GPU benchmark (benchmarks/gpu.py) shows the Mosaic ones faster; the
   default moves to them then.
+* 16-bit embeddings where the kernels may run: the pairwise loss keeps
+  ``dL/dx`` and ``dL/dy`` between its passes in their dtype, in every
+  branch (``platform_dependent``'s branches return the same types): the
+  Triton kernels scale their float32 sums and write them in 16 bits
+  (:func:`kernel_sweep`'s `factor`), the XLA tiles cast at the end.
 * Both losses run the same kernels (:mod:`.pallas_triton`): the pairwise
   loss with the ``"diagonal"``/``"ids"`` rules, the linear BCE with the
   ``"lists"`` rule, a per-label bias and unit scale.
@@ -115,14 +120,35 @@ def by_platform(run, plan, plan_on_cuda, *operands):
   )
 
 
-def kernel_sweep(row, col, s, b, *, value: bool, grads: bool, precision: Any, kernel: Any = True):
+def kernel_sweep(
+  row,
+  col,
+  s,
+  b,
+  *,
+  value: bool,
+  grads: bool,
+  precision: Any,
+  kernel: Any = True,
+  factor: jax.Array | None = None,
+  dtypes: tuple[Any, Any] | None = None,
+):
   """The kernels' version of ``_pairwise_ring._sweep``: this device's rows
   against one shard of columns, described by the same ``row`` and ``col``
   dicts (``"x"``/``"y"``, ``"ids"`` or ``"start"``, ``"ok"``); returns the row
   sums of the losses and of g, ``g y`` and ``g^T x`` (float32). `kernel`:
   ``"mosaic"`` runs the Mosaic-GPU kernels (``g y`` and ``g^T x`` then in
   the embeddings' 16-bit dtype: 64 MiB each instead of 128 at B = 65,536,
-  D = 512), anything else the Triton ones."""
+  D = 512), anything else the Triton ones.
+
+  With `factor` (a float32 scalar) ``dx`` and ``dy`` are ``factor g y`` and
+  ``factor g^T x`` in `dtypes` (of ``dx``, ``dy``; None: float32), and ``gdot`` holds the
+  row sums of ``g <x_i, y_j>`` (for ``dL/dscale``, from float32 sums, not
+  from a rounded ``dx``). The Triton kernels scale and write them
+  themselves: a 16-bit dtype is one rounding of their float32 sums, and no
+  float32 ``[B, D]`` buffer exists. The Mosaic ones write 16-bit ``g y``
+  and ``g^T x``, scaled here (a second rounding).
+  """
   if "ids" in row:
     rule: dict[str, Any] = {"rule": "ids", "row_ids": row["ids"], "col_ids": col["ids"]}
   elif (
@@ -138,9 +164,13 @@ def kernel_sweep(row, col, s, b, *, value: bool, grads: bool, precision: Any, ke
       "row_ids": row["start"] + jnp.arange(rows, dtype=jnp.int32),
       "col_ids": col["start"] + jnp.arange(cols, dtype=jnp.int32),
     }
+  dtypes = dtypes or (jnp.float32, jnp.float32)
   module: Any = pallas_triton
   if kernel == "mosaic":  # g y and g^T x in the embeddings' dtype, written by the kernels
     module, rule = pallas_mosaic, {**rule, "out_dtype": row["x"].dtype}
+  elif factor is not None and grads:  # scaled and written in `dtypes` by the kernels
+    rule = {**rule, "da_scale": factor, "db_scale": factor}
+    rule.update(da_dtype=dtypes[0], db_dtype=dtypes[1])
   out = module.parts(
     row["x"],
     col["y"],
@@ -156,6 +186,13 @@ def kernel_sweep(row, col, s, b, *, value: bool, grads: bool, precision: Any, ke
   found = {"loss": out["loss"]} if value else {}
   if grads:
     found.update(g=out["g_rows"], dx=out["g_b"], dy=out["gt_a"])
+  if grads and factor is not None:
+    if kernel == "mosaic":
+      dx, dy = (found[k].astype(jnp.float32) for k in ("dx", "dy"))
+      found["gdot"] = jnp.sum(row["x"].astype(jnp.float32) * dx, axis=1)
+      found.update(dx=(factor * dx).astype(dtypes[0]), dy=(factor * dy).astype(dtypes[1]))
+    else:
+      found["gdot"] = out["gdot_rows"]
   return found
 
 
