@@ -76,6 +76,7 @@ import numpy as np
 
 from bce_jax import _shard
 from bce_jax._tiles import pallas_mosaic_kernel as _kernel
+from bce_jax._tiles import pallas_mosaic_kernel2 as _kernel2
 
 # Where a call leaves `interpret` unset: None (compile for the GPU), or the
 # Mosaic-GPU interpret parameters a test puts here (mock.patch) to run the
@@ -85,6 +86,7 @@ _INTERPRET: Any = None
 RULES = ("diagonal", "ids")
 BLOCK = 64  # rows a program owns, and rows of the other side a pipeline step
 CHUNK = 256  # columns of D a program's gradient accumulator holds
+WIDEST_SPLIT = 512  # the widest padded D two consumer warpgroups take (an MMA's N <= 256)
 _SMEM = 227 * 1024
 _JAX = tuple(int(p) for p in jax.__version__.split(".")[:2])
 
@@ -108,9 +110,15 @@ def refusal(dtype: Any, precision: Any = None) -> str | None:
   return None
 
 
-def _stages(dim: int, chunk: int, itemsize: int, other: int = BLOCK) -> int:
-  """Pipeline stages (1 or 2) that fit in SMEM beside the owned block; 0 if none does."""
-  fixed = BLOCK * dim * itemsize + BLOCK * other * itemsize + BLOCK * 64 * 4 + 8 * 4 * BLOCK
+def _stages(dim: int, chunk: int, itemsize: int, other: int = BLOCK, warpgroups: int = 1) -> int:
+  """Pipeline stages (1 or 2) that fit in SMEM beside the owned block; 0 if none does.
+
+  `chunk`: columns of ``other`` a stage holds (0 without gradients). With two
+  consumer warpgroups, ``g`` has two slots and each consumer its own
+  vectors and write-out buffer (64-byte rows).
+  """
+  fixed = BLOCK * dim * itemsize + warpgroups * (BLOCK * other * itemsize + 8 * 4 * BLOCK)
+  fixed += BLOCK * 64 * 4 if warpgroups == 1 else 2 * BLOCK * _kernel2.OUT_BYTES
   stage = (dim * other + other * chunk) * itemsize + 4 * 4 * other  # + bias, ok, 2 id parts
   return max(0, min(2, (_SMEM - fixed) // stage))
 
@@ -137,6 +145,7 @@ def parts(
   out_dtype: Any = jnp.float32,
   chunk: int | None = None,
   block_other: int = BLOCK,
+  warpgroups: int | None = None,
   interpret: Any = None,
 ) -> dict[str, jax.Array]:
   """The sweep's raw sums, before the scale is applied (see :func:`sweep`).
@@ -156,6 +165,18 @@ def parts(
     raise ValueError(f"the Mosaic-GPU kernels cannot run: {why}.")
   (rows, dim), cols = a.shape, b.shape[0]
   dim_p = -(-dim // 64) * 64  # whole 128-byte swizzle rows
+  if warpgroups is None:  # two consumers where one would need two passes over the logits
+    warpgroups = 2 if CHUNK < dim_p <= WIDEST_SPLIT and chunk is None and grads else 1
+  if warpgroups not in (1, 2):
+    raise ValueError(f"`warpgroups` must be 1 or 2; got {warpgroups!r}.")
+  if warpgroups == 2:
+    if dim_p > WIDEST_SPLIT or chunk is not None or block_other != BLOCK:
+      raise ValueError(
+        f"`warpgroups=2` takes D up to {WIDEST_SPLIT}, block_other={BLOCK} and no `chunk` (each "
+        f"consumer holds half of D); got D = {dim}, block_other={block_other}, chunk={chunk}. "
+        "Use warpgroups=1 for these."
+      )
+    chunk = dim_p
   if chunk is None:  # the widest multiple of 64 up to CHUNK that divides Dp
     chunk = next(c for c in range(min(CHUNK, dim_p), 0, -64) if dim_p % c == 0)
   if dim_p % chunk or chunk % _kernel.EPILOGUE:
@@ -163,7 +184,8 @@ def parts(
   rows_p, cols_p = -(-rows // BLOCK) * BLOCK, -(-cols // BLOCK) * BLOCK
   if block_other not in (32, 64):
     raise ValueError(f"`block_other` must be 32 or 64; got {block_other!r}.")
-  stages = _stages(dim_p, chunk if grads else 0, np.dtype(dtype).itemsize, block_other)
+  itemsize = np.dtype(dtype).itemsize
+  stages = _stages(dim_p, chunk if grads else 0, itemsize, block_other, warpgroups)
   if stages == 0:
     raise ValueError(
       f"the Mosaic-GPU kernels hold a [{BLOCK}, D] block and a [D, {block_other}] one in shared "
@@ -205,7 +227,7 @@ def parts(
       dim=dim_p,
       block_own=BLOCK,
       block_other=block_other,
-      chunk=chunk if grads else dim_p,
+      chunk=chunk if grads and warpgroups == 1 else dim_p,
       value=value,
       grads=grads,
       stages=stages,
@@ -217,16 +239,20 @@ def parts(
   zeros_rows, zeros_cols = jnp.zeros(rows_p, jnp.float32), jnp.zeros(cols_p, jnp.float32)
   row_args = [jnp.full(rows_p, s), zeros_rows, row_ok, *row_parts, a_p]
   col_args = [bias_p, col_ok, *col_parts, b_p]
-  found = _kernel.call(
-    spec(rows_p, cols_p, value), _same_axes(row_args + col_args + [b_p.T]), interpret
-  )
+  call = _kernel.call if warpgroups == 1 else _kernel2.call
+
+  def sums(v):  # per consumer warpgroup with two: [2, N]
+    return v if v.ndim == 1 else jnp.sum(v, axis=0)
+
+  found = call(spec(rows_p, cols_p, value), _same_axes(row_args + col_args + [b_p.T]), interpret)
   names = (["loss"] if value else []) + (["g_rows", "g_b"] if grads else [])
-  out = {n: v[:rows, :dim] if v.ndim == 2 else v[:rows] for n, v in zip(names, found)}
+  found = [v[:rows, :dim] if n == "g_b" else sums(v)[:rows] for n, v in zip(names, found)]
+  out = dict(zip(names, found))
   if grads:
     own = [jnp.full(cols_p, s), bias_p, col_ok, *col_parts, b_p]
     other = [zeros_rows, row_ok, *row_parts, a_p, a_p.T]
-    g_cols, gt_a = _kernel.call(spec(cols_p, rows_p, False), _same_axes(own + other), interpret)
-    out.update(g_cols=g_cols[:cols], gt_a=gt_a[:cols, :dim])
+    g_cols, gt_a = call(spec(cols_p, rows_p, False), _same_axes(own + other), interpret)
+    out.update(g_cols=sums(g_cols)[:cols], gt_a=gt_a[:cols, :dim])
   del zeros_cols
   return out
 
