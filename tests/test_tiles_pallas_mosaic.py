@@ -25,6 +25,7 @@ Interpret mode runs every grid step as host callbacks: the shapes are tiny.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from unittest import mock
 
@@ -36,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 import bce_jax
 from bce_jax._tiles import backend, pallas_mosaic, pallas_mosaic_kernel
-from tests import _mosaic_gpu, _reference
+from tests import _host_devices, _mosaic_gpu, _reference
 
 SCALE, BIAS = 3.0, -2.0
 # 16-bit inputs are rounded before the reference sees them; what is left is
@@ -238,6 +239,80 @@ class ShardMapTest(absltest.TestCase):
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       self.assertTrue(np.all(np.isfinite(np.asarray(g, np.float32))))
       self.assertLess(_rel(np.asarray(g, np.float32), np.asarray(w, np.float32)), 1e-2)
+
+
+# The two-warpgroup kernels in interpret mode, in a child process with 4 host
+# devices: with the 2 XLA host threads of a 2-core machine, the interpreter's
+# three threads (two consumers and the TMA producer) starve and hang (jax
+# 0.10.2), so the child also runs under a timeout. It prints, per case, the
+# relative error of each output against float64.
+_TWO_WARPGROUPS = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+import bce_jax
+from bce_jax._tiles import pallas_mosaic
+from tests import _host_devices, _mosaic_gpu, _reference
+from tests.test_tiles_pallas_mosaic import _case, _rel, SCALE, BIAS
+
+out = {}
+cases = {  # rows, cols, dim, rule, dtype, masked, per-column bias, id parts
+  "ids_masked_bf16_d128": (45, 70, 128, "ids", "bfloat16", True, True, 1),
+  "ids_two_parts_f16_odd_d": (70, 40, 40, "ids", "float16", False, True, 2),
+}
+for name, (rows, cols, dim, rule, dtype, masked, per_column, parts) in cases.items():
+  args, kw, want = _case(rows, cols, dim, rule, dtype, masked=masked, per_column=per_column, parts=parts)
+  run = jax.jit(lambda a, b, s, c, kw, grads=True: pallas_mosaic.sweep(
+    a, b, s, c, rule=rule, grads=grads, warpgroups=2, interpret=_mosaic_gpu.PARAMS, **kw),
+    static_argnames="grads")
+  got = run(*args, kw)
+  out[name] = {n: _rel(got[n], v) for n, v in want.items()}
+  out[name].update({n + "_finite": bool(np.all(np.isfinite(got[n]))) for n in want})
+  if masked:
+    out[name]["value_only"] = _rel(run(*args, kw, grads=False)["loss"], want["loss"])
+
+# the loss at D = 320 (two warpgroups by default): the diagonal rule, nan-masked rows
+rng = np.random.default_rng(3)
+x = rng.normal(size=(67, 320)) / 16
+y = x + rng.normal(size=(67, 320)) / 16
+mask = rng.random(67) > 0.25
+x_in = jnp.where(mask[:, None], jnp.asarray(x, jnp.bfloat16), jnp.nan)
+y_in = jnp.where(mask[:, None], jnp.asarray(y, jnp.bfloat16), jnp.nan)
+loss = lambda x, y, s, b: bce_jax.pairwise_sigmoid_loss(
+  x, y, scale=s, bias=b, mask=mask, implementation="mosaic")
+calls = []
+two = pallas_mosaic._kernel2.call
+pallas_mosaic._kernel2.call = lambda *a: calls.append(1) or two(*a)
+with _mosaic_gpu.interpreted():
+  value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(
+    x_in, y_in, jnp.float32(SCALE), jnp.float32(BIAS))
+ref = _reference.bilinear_sweep(
+  np.asarray(jnp.nan_to_num(x_in), np.float64), np.asarray(jnp.nan_to_num(y_in), np.float64),
+  SCALE, BIAS, np.eye(67, dtype=bool), mask, mask)
+count = int(mask.sum())
+wants = (ref["loss"].sum(), ref["da"], ref["db"], ref["dscale"], ref["dbias"].sum())
+out["loss_d320"] = {n: _rel(g, np.asarray(w) / count)
+                    for n, g, w in zip(("value", "dx", "dy", "dscale", "dbias"), (value, *grads), wants)}
+out["loss_d320"]["two_warpgroup_kernels"] = len(calls)
+print("RESULT" + json.dumps(out))
+"""
+
+
+@needs_interpret
+class TwoWarpgroupsTest(absltest.TestCase):
+  def test_against_float64_in_a_child_process(self):
+    proc = _host_devices.run(_TWO_WARPGROUPS, devices=4, timeout=240)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    out = json.loads(proc.stdout.split("RESULT")[-1])
+    self.assertEqual(set(out), {"ids_masked_bf16_d128", "ids_two_parts_f16_odd_d", "loss_d320"})
+    for case, errors in out.items():
+      tol = TOL["float16" if "_f16_" in case else "bfloat16"] * (2 if case == "loss_d320" else 1)
+      for name, err in errors.items():
+        if name == "two_warpgroup_kernels":  # the default at D = 320
+          self.assertEqual(err, 2)
+        elif name.endswith("_finite"):
+          self.assertTrue(err, f"{case}: {name}")
+        else:
+          self.assertLess(err, 1e-5 if name in ("loss", "value", "value_only") else tol, f"{case}: {name}")
 
 
 def _lowered(f, *args) -> str:

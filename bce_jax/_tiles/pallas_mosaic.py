@@ -166,7 +166,8 @@ def parts(
   (rows, dim), cols = a.shape, b.shape[0]
   dim_p = -(-dim // 64) * 64  # whole 128-byte swizzle rows
   if warpgroups is None:  # two consumers where one would need two passes over the logits
-    warpgroups = 2 if CHUNK < dim_p <= WIDEST_SPLIT and chunk is None and grads else 1
+    split = CHUNK < dim_p <= WIDEST_SPLIT and grads and chunk is None and block_other == BLOCK
+    warpgroups = 2 if split else 1
   if warpgroups not in (1, 2):
     raise ValueError(f"`warpgroups` must be 1 or 2; got {warpgroups!r}.")
   if warpgroups == 2:
