@@ -11,11 +11,17 @@
 * ``pairwise_sigmoid_loss(implementation="mosaic")`` in interpret mode: the
   value and the gradients in x, y, scale and bias against float64, with
   ``positives`` and a row mask over nan rows, under ``jax.jit``;
+* the two-warpgroup kernels (``warpgroups=2``) the same way, in a child
+  process with 4 host devices (the interpreter's three threads starve on
+  the 2 XLA host threads of a 2-core machine): both rules, masks over nan,
+  bfloat16 and float16, odd ``D``, value only, and the loss at ``D = 320``,
+  where they are the default;
 * inside ``shard_map`` (one device, ``check_vma=False``) the kernels give
   the XLA path's value and gradients;
 * lowered for CUDA on this CPU: one Mosaic-GPU call a kernel, no
-  ``[B, C]``-sized buffer, at B = 130 and at D = 512 in two chunks; the
-  default (None) still lowers to the Triton kernels;
+  ``[B, C]``-sized buffer, at B = 130 and at D = 512 (two warpgroups by
+  default, one in two chunks), and at B = 65,536, D = 512; the default
+  (None) still lowers to the Triton kernels;
 * what the kernels refuse (float32, precision above DEFAULT, ``"lists"``,
   the linear BCE, no GPU), with clear errors.
 
@@ -312,7 +318,9 @@ class TwoWarpgroupsTest(absltest.TestCase):
         elif name.endswith("_finite"):
           self.assertTrue(err, f"{case}: {name}")
         else:
-          self.assertLess(err, 1e-5 if name in ("loss", "value", "value_only") else tol, f"{case}: {name}")
+          self.assertLess(
+            err, 1e-5 if name in ("loss", "value", "value_only") else tol, f"{case}: {name}"
+          )
 
 
 def _lowered(f, *args) -> str:
@@ -336,13 +344,28 @@ class CudaLoweringTest(parameterized.TestCase):
     # padded to 192 rows; no buffer holds B x C pairs
     self.assertNotRegex(text, r"tensor<(130|192)x(130|192)x")
 
-  @parameterized.parameters(64, 32)
-  def test_wide_rows_in_two_chunks(self, block_other):
-    # D = 512: the gradient accumulator holds half of D; both kernels lower
-    # (the lowering checks shared memory: one stage with 64, two with 32).
-    text = self._sweep_text(256, 512, True, block_other=block_other)
+  @parameterized.named_parameters(
+    ("two_warpgroups_default", None, 64, 2),
+    ("one_warpgroup_two_chunks", 1, 64, 0),
+    ("one_warpgroup_other_32", 1, 32, 0),
+  )
+  def test_wide_rows(self, warpgroups, block_other, two):
+    # D = 512: two consumer warpgroups hold half of D each (the default), or
+    # one holds half in each of two chunks; both kernels lower (the lowering
+    # checks shared memory: one stage with 64 rows of the other side, two
+    # with 32).
+    kernel2 = pallas_mosaic._kernel2
+    with mock.patch.object(kernel2, "call", wraps=kernel2.call) as calls:
+      text = self._sweep_text(256, 512, True, block_other=block_other, warpgroups=warpgroups)
+    self.assertEqual(calls.call_count, two)
     self.assertEqual(_kernel_calls(text), 2)
     self.assertNotRegex(text, r"tensor<256x256x")
+
+  def test_two_warpgroups_at_the_target_size(self):
+    # B = 65,536, D = 512, bfloat16 (lowering only): no [B, C] buffer.
+    text = self._sweep_text(65536, 512, True, out_dtype=jnp.bfloat16)
+    self.assertEqual(_kernel_calls(text), 2)
+    self.assertNotRegex(text, r"tensor<65536x65536x")
 
   def test_loss_chooses_the_kernels(self):
     x = jax.ShapeDtypeStruct((130, 64), jnp.bfloat16)
@@ -406,6 +429,15 @@ class RefusalTest(parameterized.TestCase):
     x = jnp.ones((8, 768), jnp.bfloat16)
     with self.assertRaisesRegex(ValueError, "D = 768 needs more than 227 KiB"):
       pallas_mosaic.parts(x, x, 1.0, 0.0)
+
+  def test_two_warpgroups_limits(self):
+    x = jnp.ones((8, 576), jnp.bfloat16)
+    with self.assertRaisesRegex(ValueError, "`warpgroups=2` takes D up to 512.*got D = 576"):
+      pallas_mosaic.parts(x, x, 1.0, 0.0, warpgroups=2)
+    with self.assertRaisesRegex(ValueError, "no `chunk`.*chunk=64"):
+      pallas_mosaic.parts(x[:, :128], x[:, :128], 1.0, 0.0, warpgroups=2, chunk=64)
+    with self.assertRaisesRegex(ValueError, "`warpgroups` must be 1 or 2; got 3"):
+      pallas_mosaic.parts(x, x, 1.0, 0.0, warpgroups=3)
 
   def test_lists_rule_and_linear_bce(self):
     x = jnp.ones((8, 64), jnp.bfloat16)
