@@ -382,7 +382,8 @@ class CudaLoweringTest(parameterized.TestCase):
     self.assertEqual(_kernel_calls(mosaic), 2)  # the row kernel gives the value too
     self.assertEqual(_kernel_calls(vag(None)), 0)  # the default stays on Triton until measured
 
-  def test_inside_shard_map_with_check_vma(self):
+  @parameterized.named_parameters(("one_warpgroup", 64), ("two_warpgroups", 320))
+  def test_inside_shard_map_with_check_vma(self, dim):
     # Interpret mode takes no check_vma; the kernels' outputs must still
     # carry the mesh axes for the ring to type-check.
     mesh = jax.make_mesh((1,), ("data",))
@@ -396,12 +397,17 @@ class CudaLoweringTest(parameterized.TestCase):
     mapped = jax.shard_map(
       loss, mesh=mesh, out_specs=P(), in_specs=(P("data"),) * 2 + (P(), P(), P("data"))
     )
-    x = jax.ShapeDtypeStruct((67, 64), jnp.bfloat16, sharding=rows)
+    x = jax.ShapeDtypeStruct((67, dim), jnp.bfloat16, sharding=rows)
     s = jax.ShapeDtypeStruct((), jnp.float32, sharding=whole)
     mask = jax.ShapeDtypeStruct((67,), jnp.bool_, sharding=rows)
-    with mock.patch.object(backend, "check_pallas"):
+    kernel2 = pallas_mosaic._kernel2
+    with (
+      mock.patch.object(backend, "check_pallas"),
+      mock.patch.object(kernel2, "call", wraps=kernel2.call) as two,
+    ):
       text = _lowered(jax.value_and_grad(mapped, argnums=(0, 1, 2, 3)), x, x, s, s, mask)
     self.assertEqual(_kernel_calls(text), 2)
+    self.assertEqual(two.call_count, 2 if dim > 256 else 0)
 
 
 @needs_mosaic
