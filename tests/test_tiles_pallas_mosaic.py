@@ -11,11 +11,17 @@
 * ``pairwise_sigmoid_loss(implementation="mosaic")`` in interpret mode: the
   value and the gradients in x, y, scale and bias against float64, with
   ``positives`` and a row mask over nan rows, under ``jax.jit``;
+* the two-warpgroup kernels (``warpgroups=2``) the same way, in a child
+  process with 4 host devices (the interpreter's three threads starve on
+  the 2 XLA host threads of a 2-core machine): both rules, masks over nan,
+  bfloat16 and float16, odd ``D``, value only, and the loss at ``D = 320``,
+  where they are the default;
 * inside ``shard_map`` (one device, ``check_vma=False``) the kernels give
   the XLA path's value and gradients;
 * lowered for CUDA on this CPU: one Mosaic-GPU call a kernel, no
-  ``[B, C]``-sized buffer, at B = 130 and at D = 512 in two chunks; the
-  default (None) still lowers to the Triton kernels;
+  ``[B, C]``-sized buffer, at B = 130 and at D = 512 (two warpgroups by
+  default, one in two chunks), and at B = 65,536, D = 512; the default
+  (None) still lowers to the Triton kernels;
 * what the kernels refuse (float32, precision above DEFAULT, ``"lists"``,
   the linear BCE, no GPU), with clear errors.
 
@@ -25,6 +31,7 @@ Interpret mode runs every grid step as host callbacks: the shapes are tiny.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from unittest import mock
 
@@ -36,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 import bce_jax
 from bce_jax._tiles import backend, pallas_mosaic, pallas_mosaic_kernel
-from tests import _mosaic_gpu, _reference
+from tests import _host_devices, _mosaic_gpu, _reference
 
 SCALE, BIAS = 3.0, -2.0
 # 16-bit inputs are rounded before the reference sees them; what is left is
@@ -240,6 +247,82 @@ class ShardMapTest(absltest.TestCase):
       self.assertLess(_rel(np.asarray(g, np.float32), np.asarray(w, np.float32)), 1e-2)
 
 
+# The two-warpgroup kernels in interpret mode, in a child process with 4 host
+# devices: with the 2 XLA host threads of a 2-core machine, the interpreter's
+# three threads (two consumers and the TMA producer) starve and hang (jax
+# 0.10.2), so the child also runs under a timeout. It prints, per case, the
+# relative error of each output against float64.
+_TWO_WARPGROUPS = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+import bce_jax
+from bce_jax._tiles import pallas_mosaic
+from tests import _host_devices, _mosaic_gpu, _reference
+from tests.test_tiles_pallas_mosaic import _case, _rel, SCALE, BIAS
+
+out = {}
+cases = {  # rows, cols, dim, rule, dtype, masked, per-column bias, id parts
+  "ids_masked_bf16_d128": (45, 70, 128, "ids", "bfloat16", True, True, 1),
+  "ids_two_parts_f16_odd_d": (70, 40, 40, "ids", "float16", False, True, 2),
+}
+for name, (rows, cols, dim, rule, dtype, masked, per_column, parts) in cases.items():
+  args, kw, want = _case(rows, cols, dim, rule, dtype, masked=masked, per_column=per_column, parts=parts)
+  run = jax.jit(lambda a, b, s, c, kw, grads=True: pallas_mosaic.sweep(
+    a, b, s, c, rule=rule, grads=grads, warpgroups=2, interpret=_mosaic_gpu.PARAMS, **kw),
+    static_argnames="grads")
+  got = run(*args, kw)
+  out[name] = {n: _rel(got[n], v) for n, v in want.items()}
+  out[name].update({n + "_finite": bool(np.all(np.isfinite(got[n]))) for n in want})
+  if masked:
+    out[name]["value_only"] = _rel(run(*args, kw, grads=False)["loss"], want["loss"])
+
+# the loss at D = 320 (two warpgroups by default): the diagonal rule, nan-masked rows
+rng = np.random.default_rng(3)
+x = rng.normal(size=(45, 320)) / 16
+y = x + rng.normal(size=(45, 320)) / 16
+mask = rng.random(45) > 0.25
+x_in = jnp.where(mask[:, None], jnp.asarray(x, jnp.bfloat16), jnp.nan)
+y_in = jnp.where(mask[:, None], jnp.asarray(y, jnp.bfloat16), jnp.nan)
+loss = lambda x, y, s, b: bce_jax.pairwise_sigmoid_loss(
+  x, y, scale=s, bias=b, mask=mask, implementation="mosaic")
+calls = []
+two = pallas_mosaic._kernel2.call
+pallas_mosaic._kernel2.call = lambda *a: calls.append(1) or two(*a)
+with _mosaic_gpu.interpreted():
+  value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(
+    x_in, y_in, jnp.float32(SCALE), jnp.float32(BIAS))
+ref = _reference.bilinear_sweep(
+  np.asarray(jnp.nan_to_num(x_in), np.float64), np.asarray(jnp.nan_to_num(y_in), np.float64),
+  SCALE, BIAS, np.eye(45, dtype=bool), mask, mask)
+count = int(mask.sum())
+wants = (ref["loss"].sum(), ref["da"], ref["db"], ref["dscale"], ref["dbias"].sum())
+out["loss_d320"] = {n: _rel(g, np.asarray(w) / count)
+                    for n, g, w in zip(("value", "dx", "dy", "dscale", "dbias"), (value, *grads), wants)}
+out["loss_d320"]["two_warpgroup_kernels"] = len(calls)
+print("RESULT" + json.dumps(out))
+"""
+
+
+@needs_interpret
+class TwoWarpgroupsTest(absltest.TestCase):
+  def test_against_float64_in_a_child_process(self):
+    proc = _host_devices.run(_TWO_WARPGROUPS, devices=4, timeout=240)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    out = json.loads(proc.stdout.split("RESULT")[-1])
+    self.assertEqual(set(out), {"ids_masked_bf16_d128", "ids_two_parts_f16_odd_d", "loss_d320"})
+    for case, errors in out.items():
+      tol = TOL["float16" if "_f16_" in case else "bfloat16"] * (2 if case == "loss_d320" else 1)
+      for name, err in errors.items():
+        if name == "two_warpgroup_kernels":  # the default at D = 320
+          self.assertEqual(err, 2)
+        elif name.endswith("_finite"):
+          self.assertTrue(err, f"{case}: {name}")
+        else:
+          self.assertLess(
+            err, 1e-5 if name in ("loss", "value", "value_only") else tol, f"{case}: {name}"
+          )
+
+
 def _lowered(f, *args) -> str:
   return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -261,13 +344,28 @@ class CudaLoweringTest(parameterized.TestCase):
     # padded to 192 rows; no buffer holds B x C pairs
     self.assertNotRegex(text, r"tensor<(130|192)x(130|192)x")
 
-  @parameterized.parameters(64, 32)
-  def test_wide_rows_in_two_chunks(self, block_other):
-    # D = 512: the gradient accumulator holds half of D; both kernels lower
-    # (the lowering checks shared memory: one stage with 64, two with 32).
-    text = self._sweep_text(256, 512, True, block_other=block_other)
+  @parameterized.named_parameters(
+    ("two_warpgroups_default", None, 64, 2),
+    ("one_warpgroup_two_chunks", 1, 64, 0),
+    ("one_warpgroup_other_32", 1, 32, 0),
+  )
+  def test_wide_rows(self, warpgroups, block_other, two):
+    # D = 512: two consumer warpgroups hold half of D each (the default), or
+    # one holds half in each of two chunks; both kernels lower (the lowering
+    # checks shared memory: one stage with 64 rows of the other side, two
+    # with 32).
+    kernel2 = pallas_mosaic._kernel2
+    with mock.patch.object(kernel2, "call", wraps=kernel2.call) as calls:
+      text = self._sweep_text(256, 512, True, block_other=block_other, warpgroups=warpgroups)
+    self.assertEqual(calls.call_count, two)
     self.assertEqual(_kernel_calls(text), 2)
     self.assertNotRegex(text, r"tensor<256x256x")
+
+  def test_two_warpgroups_at_the_target_size(self):
+    # B = 65,536, D = 512, bfloat16 (lowering only): no [B, C] buffer.
+    text = self._sweep_text(65536, 512, True, out_dtype=jnp.bfloat16)
+    self.assertEqual(_kernel_calls(text), 2)
+    self.assertNotRegex(text, r"tensor<65536x65536x")
 
   def test_loss_chooses_the_kernels(self):
     x = jax.ShapeDtypeStruct((130, 64), jnp.bfloat16)
@@ -284,7 +382,8 @@ class CudaLoweringTest(parameterized.TestCase):
     self.assertEqual(_kernel_calls(mosaic), 2)  # the row kernel gives the value too
     self.assertEqual(_kernel_calls(vag(None)), 0)  # the default stays on Triton until measured
 
-  def test_inside_shard_map_with_check_vma(self):
+  @parameterized.named_parameters(("one_warpgroup", 64), ("two_warpgroups", 320))
+  def test_inside_shard_map_with_check_vma(self, dim):
     # Interpret mode takes no check_vma; the kernels' outputs must still
     # carry the mesh axes for the ring to type-check.
     mesh = jax.make_mesh((1,), ("data",))
@@ -298,12 +397,17 @@ class CudaLoweringTest(parameterized.TestCase):
     mapped = jax.shard_map(
       loss, mesh=mesh, out_specs=P(), in_specs=(P("data"),) * 2 + (P(), P(), P("data"))
     )
-    x = jax.ShapeDtypeStruct((67, 64), jnp.bfloat16, sharding=rows)
+    x = jax.ShapeDtypeStruct((67, dim), jnp.bfloat16, sharding=rows)
     s = jax.ShapeDtypeStruct((), jnp.float32, sharding=whole)
     mask = jax.ShapeDtypeStruct((67,), jnp.bool_, sharding=rows)
-    with mock.patch.object(backend, "check_pallas"):
+    kernel2 = pallas_mosaic._kernel2
+    with (
+      mock.patch.object(backend, "check_pallas"),
+      mock.patch.object(kernel2, "call", wraps=kernel2.call) as two,
+    ):
       text = _lowered(jax.value_and_grad(mapped, argnums=(0, 1, 2, 3)), x, x, s, s, mask)
     self.assertEqual(_kernel_calls(text), 2)
+    self.assertEqual(two.call_count, 2 if dim > 256 else 0)
 
 
 @needs_mosaic
@@ -331,6 +435,15 @@ class RefusalTest(parameterized.TestCase):
     x = jnp.ones((8, 768), jnp.bfloat16)
     with self.assertRaisesRegex(ValueError, "D = 768 needs more than 227 KiB"):
       pallas_mosaic.parts(x, x, 1.0, 0.0)
+
+  def test_two_warpgroups_limits(self):
+    x = jnp.ones((8, 576), jnp.bfloat16)
+    with self.assertRaisesRegex(ValueError, "`warpgroups=2` takes D up to 512.*got D = 576"):
+      pallas_mosaic.parts(x, x, 1.0, 0.0, warpgroups=2)
+    with self.assertRaisesRegex(ValueError, "no `chunk`.*chunk=64"):
+      pallas_mosaic.parts(x[:, :128], x[:, :128], 1.0, 0.0, warpgroups=2, chunk=64)
+    with self.assertRaisesRegex(ValueError, "`warpgroups` must be 1 or 2; got 3"):
+      pallas_mosaic.parts(x, x, 1.0, 0.0, warpgroups=3)
 
   def test_lists_rule_and_linear_bce(self):
     x = jnp.ones((8, 64), jnp.bfloat16)

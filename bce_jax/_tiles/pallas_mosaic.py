@@ -6,7 +6,8 @@ BCE's ``"lists"`` runs on the Triton kernels only), with warpgroup MMAs fed
 by TMA copies, the layout Mosaic GPU reaches 430-700 TFLOP/s with on an
 H200 where the Triton backward kernels run far below the matmul rate.
 
-Design (:mod:`.pallas_mosaic_kernel` holds the body):
+Design (:mod:`.pallas_mosaic_kernel` holds the one-warpgroup body,
+:mod:`.pallas_mosaic_kernel2` the two-warpgroup one):
 
 * **Two kernels, no atomics, as in the Triton version.** The row kernel
   owns blocks of ``a`` and walks over ``b``: loss and ``g`` row sums and
@@ -36,34 +37,53 @@ multiprocessor, at most 255 a thread; one warpgroup is 128 threads):
 
 * ``block_own = block_other = 64``: one warpgroup MMA's M; the ``[64, 64]``
   float32 logits take 32 registers a thread.
-* ``chunk`` of ``D`` for ``d_own`` (float32 ``[64, chunk]`` accumulator):
-  ``64 * chunk / 128`` registers a thread, 128 at ``chunk = 256`` (all of
-  ``[64, 512]`` would need 256, more than a thread has). The chunks are a
-  grid axis and each recomputes the logits: with ``n = Dp / chunk`` each
-  kernel does ``n`` logits passes and one gradient pass of ``2 B C D``
-  FLOP, ``4 (n + 1) B C D`` in all: ``8 B C D`` at ``D <= 256``,
-  ``12 B C D`` at ``D = 512``.
-* SMEM: ``own`` ``[64, Dp]`` (64 KiB at D = 512, bfloat16), ``g`` (8 KiB),
-  the float32 ``[64, 64]`` write-out buffer (16 KiB), plus per pipeline
-  stage ``other^T`` ``[Dp, 64]`` (64 KiB) and ``other[:, chunk]``
-  ``[64, 256]`` (32 KiB): D = 512 fits one stage (184 KiB), ``D <= 256``
-  two; ``block_other=32`` halves a stage (two at D = 512) for a narrower
-  logits MMA, and D above 704 does not fit (refused).
+* ``warpgroups=1`` (the default where ``Dp <= 256``): one warpgroup holds a
+  ``chunk`` of ``D`` of ``d_own`` (float32 ``[64, chunk]``: ``chunk / 2``
+  registers a thread, 128 at ``chunk = 256``; all of ``[64, 512]`` would
+  need 256, more than a thread has). The chunks are a grid axis and each
+  recomputes the logits: with ``n = Dp / chunk`` each kernel does ``n``
+  logits passes and one gradient pass of ``2 B C D`` FLOP, ``4 (n + 1) B C
+  D`` in all: ``8 B C D`` at ``D <= 256``, ``12 B C D`` at ``D = 512``.
+* ``warpgroups=2`` (the default where ``256 < Dp <= 512``): a TMA producer
+  and two consumer warpgroups a block. Consumer ``w`` computes the logits
+  of 32 of the tile's 64 columns over all of ``D`` (``[64, 32]``), their
+  loss and ``g``, writes its ``g`` columns into a shared SMEM tile, and after
+  one barrier of both does ``d_own[:, half_w] += g @ other[:, half_w]``
+  (``[64, Dp / 2]``: 128 registers at ``Dp = 512``). One logits pass:
+  ``8 B C D`` at any ``D <= 512``; no element is computed twice and no
+  float32 partial logits cross SMEM (splitting ``D`` between the consumers
+  instead would need a ``[64, 64]`` float32 exchange, 32 KiB that do not fit
+  beside a stage at D = 512).
+* SMEM, one warpgroup: ``own`` ``[64, Dp]`` (64 KiB at D = 512, bfloat16),
+  ``g`` (8 KiB), the float32 ``[64, 64]`` write-out buffer (16 KiB), plus
+  per pipeline stage ``other^T`` ``[Dp, 64]`` (64 KiB) and
+  ``other[:, chunk]`` ``[64, 256]`` (32 KiB): D = 512 fits one stage (184
+  KiB), ``D <= 256`` two; ``block_other=32`` halves a stage (two at D =
+  512) for a narrower logits MMA, and D above 704 does not fit (refused).
+* SMEM, two warpgroups: ``own`` (64 KiB), ``g`` in two slots (16 KiB), two
+  8 KiB write-out buffers, plus per stage ``other^T`` and all of ``other``
+  (64 + 64 KiB at D = 512): one stage at D = 512 (221 of 227 KiB), two at
+  ``D <= 256``. With one stage, each consumer releases ``other^T`` right
+  after its logits (the producer refills it during the element math and the
+  gradient's MMA), but the next ``other`` (64 KiB) only arrives after the
+  gradient's MMA: that load is exposed each step.
 
 Estimate at B = C = 65,536, D = 512, bfloat16 (value_and_grad): the
-floor is ``6 B^2 D`` = 1.3e13 FLOP (16.7 ms at 790 TFLOP/s). This design
-does ``12 B^2 D`` = 2.6e13: ~44 ms at 600 TFLOP/s, ~38 at 700, no better
-than the Triton estimate on FLOP, so the 25 ms target needs a next step:
-two consumer warpgroups a block, each holding half of ``D`` of ``d_own``
-and adding the other's half-``D`` partial logits through SMEM (``8 B^2 D``:
-~29 ms at 600, ~25 at 700). Bytes moved: ``O((B + C) D)`` a block row,
-negligible. Temporaries: the transposed copies (128 MiB) and ``g b``,
-``g^T a`` (64 MiB each in bfloat16, as the pairwise loss asks for them;
-float32 by default here): ~256 MiB. On hardware, 16-bit MMAs do take a
-transposed operand (``plgpu.transpose_ref``): that would drop the copies
-and a third of each stage's SMEM, once interpret mode can test it.
-Nothing here has run on a GPU: the kernels are tested in Mosaic-GPU
-interpret mode and by lowering for CUDA on a CPU.
+floor is ``6 B^2 D`` = 1.3e13 FLOP (16.7 ms at 790 TFLOP/s). One warpgroup
+does ``12 B^2 D`` = 2.6e13 (~44 ms at 600 TFLOP/s, ~38 at 700); two do
+``8 B^2 D`` = 1.8e13: ~29 ms at 600 TFLOP/s, ~25 at 700, if the MMAs run
+at that rate. Two things may keep them below it: the logits' MMA is narrow
+(N = 32 a consumer, both operands from SMEM) and the exposed ``other`` load
+of the one-stage pipeline. On hardware, 16-bit MMAs take a transposed
+operand (``plgpu.transpose_ref``): reading ``other^T`` from ``other``'s
+stage would halve a stage (two stages at D = 512) and drop the transposed
+copies, once interpret mode can test it (jax 0.10.2 rejects transposed
+refs). Bytes moved: ``O((B + C) D)`` a block row, negligible.
+Temporaries: the transposed copies (128 MiB) and ``g b``, ``g^T a`` (64 MiB
+each in bfloat16, as the pairwise loss asks for them; float32 by default
+here): ~256 MiB. Nothing here has run on a GPU: the kernels are tested in
+Mosaic-GPU interpret mode and by lowering for CUDA on a CPU; the estimate
+is arithmetic, not a measurement.
 """
 
 from __future__ import annotations
@@ -76,6 +96,7 @@ import numpy as np
 
 from bce_jax import _shard
 from bce_jax._tiles import pallas_mosaic_kernel as _kernel
+from bce_jax._tiles import pallas_mosaic_kernel2 as _kernel2
 
 # Where a call leaves `interpret` unset: None (compile for the GPU), or the
 # Mosaic-GPU interpret parameters a test puts here (mock.patch) to run the
@@ -85,6 +106,7 @@ _INTERPRET: Any = None
 RULES = ("diagonal", "ids")
 BLOCK = 64  # rows a program owns, and rows of the other side a pipeline step
 CHUNK = 256  # columns of D a program's gradient accumulator holds
+WIDEST_SPLIT = 512  # the widest padded D two consumer warpgroups take (an MMA's N <= 256)
 _SMEM = 227 * 1024
 _JAX = tuple(int(p) for p in jax.__version__.split(".")[:2])
 
@@ -108,9 +130,15 @@ def refusal(dtype: Any, precision: Any = None) -> str | None:
   return None
 
 
-def _stages(dim: int, chunk: int, itemsize: int, other: int = BLOCK) -> int:
-  """Pipeline stages (1 or 2) that fit in SMEM beside the owned block; 0 if none does."""
-  fixed = BLOCK * dim * itemsize + BLOCK * other * itemsize + BLOCK * 64 * 4 + 8 * 4 * BLOCK
+def _stages(dim: int, chunk: int, itemsize: int, other: int = BLOCK, warpgroups: int = 1) -> int:
+  """Pipeline stages (1 or 2) that fit in SMEM beside the owned block; 0 if none does.
+
+  `chunk`: columns of ``other`` a stage holds (0 without gradients). With two
+  consumer warpgroups, ``g`` has two slots and each consumer its own
+  vectors and write-out buffer (64-byte rows).
+  """
+  fixed = BLOCK * dim * itemsize + warpgroups * (BLOCK * other * itemsize + 8 * 4 * BLOCK)
+  fixed += BLOCK * 64 * 4 if warpgroups == 1 else 2 * BLOCK * _kernel2.OUT_BYTES
   stage = (dim * other + other * chunk) * itemsize + 4 * 4 * other  # + bias, ok, 2 id parts
   return max(0, min(2, (_SMEM - fixed) // stage))
 
@@ -137,6 +165,7 @@ def parts(
   out_dtype: Any = jnp.float32,
   chunk: int | None = None,
   block_other: int = BLOCK,
+  warpgroups: int | None = None,
   interpret: Any = None,
 ) -> dict[str, jax.Array]:
   """The sweep's raw sums, before the scale is applied (see :func:`sweep`).
@@ -156,6 +185,19 @@ def parts(
     raise ValueError(f"the Mosaic-GPU kernels cannot run: {why}.")
   (rows, dim), cols = a.shape, b.shape[0]
   dim_p = -(-dim // 64) * 64  # whole 128-byte swizzle rows
+  if warpgroups is None:  # two consumers where one would need two passes over the logits
+    split = CHUNK < dim_p <= WIDEST_SPLIT and grads and chunk is None and block_other == BLOCK
+    warpgroups = 2 if split else 1
+  if warpgroups not in (1, 2):
+    raise ValueError(f"`warpgroups` must be 1 or 2; got {warpgroups!r}.")
+  if warpgroups == 2:
+    if dim_p > WIDEST_SPLIT or chunk is not None or block_other != BLOCK:
+      raise ValueError(
+        f"`warpgroups=2` takes D up to {WIDEST_SPLIT}, block_other={BLOCK} and no `chunk` (each "
+        f"consumer holds half of D); got D = {dim}, block_other={block_other}, chunk={chunk}. "
+        "Use warpgroups=1 for these."
+      )
+    chunk = dim_p
   if chunk is None:  # the widest multiple of 64 up to CHUNK that divides Dp
     chunk = next(c for c in range(min(CHUNK, dim_p), 0, -64) if dim_p % c == 0)
   if dim_p % chunk or chunk % _kernel.EPILOGUE:
@@ -163,7 +205,8 @@ def parts(
   rows_p, cols_p = -(-rows // BLOCK) * BLOCK, -(-cols // BLOCK) * BLOCK
   if block_other not in (32, 64):
     raise ValueError(f"`block_other` must be 32 or 64; got {block_other!r}.")
-  stages = _stages(dim_p, chunk if grads else 0, np.dtype(dtype).itemsize, block_other)
+  itemsize = np.dtype(dtype).itemsize
+  stages = _stages(dim_p, chunk if grads else 0, itemsize, block_other, warpgroups)
   if stages == 0:
     raise ValueError(
       f"the Mosaic-GPU kernels hold a [{BLOCK}, D] block and a [D, {block_other}] one in shared "
@@ -205,7 +248,7 @@ def parts(
       dim=dim_p,
       block_own=BLOCK,
       block_other=block_other,
-      chunk=chunk if grads else dim_p,
+      chunk=chunk if grads and warpgroups == 1 else dim_p,
       value=value,
       grads=grads,
       stages=stages,
@@ -217,16 +260,20 @@ def parts(
   zeros_rows, zeros_cols = jnp.zeros(rows_p, jnp.float32), jnp.zeros(cols_p, jnp.float32)
   row_args = [jnp.full(rows_p, s), zeros_rows, row_ok, *row_parts, a_p]
   col_args = [bias_p, col_ok, *col_parts, b_p]
-  found = _kernel.call(
-    spec(rows_p, cols_p, value), _same_axes(row_args + col_args + [b_p.T]), interpret
-  )
+  call = _kernel.call if warpgroups == 1 else _kernel2.call
+
+  def sums(v):  # per consumer warpgroup with two: [2, N]
+    return v if v.ndim == 1 else jnp.sum(v, axis=0)
+
+  found = call(spec(rows_p, cols_p, value), _same_axes(row_args + col_args + [b_p.T]), interpret)
   names = (["loss"] if value else []) + (["g_rows", "g_b"] if grads else [])
-  out = {n: v[:rows, :dim] if v.ndim == 2 else v[:rows] for n, v in zip(names, found)}
+  found = [v[:rows, :dim] if n == "g_b" else sums(v)[:rows] for n, v in zip(names, found)]
+  out = dict(zip(names, found))
   if grads:
     own = [jnp.full(cols_p, s), bias_p, col_ok, *col_parts, b_p]
     other = [zeros_rows, row_ok, *row_parts, a_p, a_p.T]
-    g_cols, gt_a = _kernel.call(spec(cols_p, rows_p, False), _same_axes(own + other), interpret)
-    out.update(g_cols=g_cols[:cols], gt_a=gt_a[:cols, :dim])
+    g_cols, gt_a = call(spec(cols_p, rows_p, False), _same_axes(own + other), interpret)
+    out.update(g_cols=sums(g_cols)[:cols], gt_a=gt_a[:cols, :dim])
   del zeros_cols
   return out
 
@@ -266,6 +313,10 @@ def sweep(
       ``block_other``: rows of the other side a pipeline step, 64 or 32
       (32 halves each stage's SMEM: two stages at D = 512, for a narrower
       logits MMA; which is faster is for the GPU benchmark to say);
+      ``warpgroups``: 1 (``chunk`` of ``D`` a program) or 2 (two consumer
+      warpgroups, half of ``D`` each: one pass over the logits; ``D <=
+      512``, ``block_other=64``, no ``chunk``); None: 2 where
+      ``256 < D <= 512`` with gradients, else 1;
       ``interpret``: Mosaic-GPU interpret parameters to run on any backend;
       None: compiled, unless tests set ``_INTERPRET``.
 
