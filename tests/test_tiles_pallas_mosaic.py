@@ -8,6 +8,9 @@
   positives rules (ids in one and in two parts), excluded rows and columns
   holding nan, scalar and per-column bias, bfloat16 and float16, ``D`` in
   one and in two chunks; the value-only call gives the same loss;
+* with a factor and 16-bit outputs, ``g b`` and ``g^T a`` bit-equal to the
+  same kernels' float32 sums times the factor, rounded once (one and two
+  warpgroups), and the float32 ``gdot`` row sums against float64;
 * ``pairwise_sigmoid_loss(implementation="mosaic")`` in interpret mode: the
   value and the gradients in x, y, scale and bias against float64, with
   ``positives`` and a row mask over nan rows, under ``jax.jit``;
@@ -21,7 +24,8 @@
 * lowered for CUDA on this CPU: one Mosaic-GPU call a kernel, no
   ``[B, C]``-sized buffer, at B = 130 and at D = 512 (two warpgroups by
   default, one in two chunks), and at B = 65,536, D = 512; the default
-  (None) still lowers to the Triton kernels;
+  (None) still lowers to the Triton kernels; bfloat16 ``value_and_grad``
+  at B = 8192, D = 512 has no float32 ``[B, D]`` tensor;
 * what the kernels refuse (float32, precision above DEFAULT, ``"lists"``,
   the linear BCE, no GPU), with clear errors.
 
@@ -98,6 +102,41 @@ def _case(rows, cols, dim, rule, dtype, *, masked=False, per_column=False, parts
   return (a_in, b_in, jnp.float32(SCALE), jnp.asarray(bias)), kw, want
 
 
+FACTOR = 3.0 / 67  # s / count: not a power of two, so the rounding is seen
+
+
+def _scaled_against_float32(args, kw, want, rule, **options):
+  """:func:`pallas_mosaic.parts` with ``factor=FACTOR`` and 16-bit outputs
+  against the same kernels' float32 sums (factor 1), multiplied by FACTOR
+  in float32 and rounded once: whether ``g b`` and ``g^T a`` agree bit for
+  bit, and the relative error of the float32 ``gdot_rows`` against float64
+  (``<a_i, da_i> / s``); and the float32 parts."""
+  a, b, scale, bias = args
+
+  @jax.jit
+  def run(a, b, scale, bias, kw):
+    common = dict(rule=rule, interpret=_mosaic_gpu.PARAMS, **options, **kw)
+    wide = pallas_mosaic.parts(a, b, scale, bias, out_dtype=jnp.float32, **common)
+    narrow = pallas_mosaic.parts(a, b, scale, bias, out_dtype=a.dtype, factor=FACTOR, **common)
+    return wide, narrow
+
+  wide, narrow = run(a, b, scale, bias, kw)
+  out = {}
+  for name in ("g_b", "gt_a"):
+    rounded = (wide[name] * jnp.float32(FACTOR)).astype(a.dtype)
+    out[name + "_dtype"] = narrow[name].dtype == a.dtype
+    out[name + "_bit_equal"] = bool(
+      np.array_equal(rounded.view(jnp.uint16), narrow[name].view(jnp.uint16))
+    )
+    out[name + "_rounded"] = bool(np.any(rounded != wide[name]))  # the test can tell
+  out["sums_equal"] = all(
+    bool(np.array_equal(wide[n], narrow[n])) for n in ("loss", "g_rows", "gdot_rows", "g_cols")
+  )
+  a64 = np.asarray(jnp.nan_to_num(a), np.float64)
+  out["gdot_rows"] = _rel(narrow["gdot_rows"], np.sum(a64 * want["da"], axis=1) / SCALE)
+  return out, wide
+
+
 @functools.cache
 def _sweep(rule, grads=True, chunk=None, block_other=64):
   def run(a, b, scale, bias, kw):
@@ -156,6 +195,20 @@ class AgainstReferenceTest(parameterized.TestCase):
       self.assertEqual(got[name].shape, np.shape(value), name)
       self.assertTrue(np.all(np.isfinite(got[name])), name)
       self.assertLess(_rel(got[name], value), TOL[dtype], name)
+
+  def test_scaled_outputs_round_once(self):
+    # The kernels multiply their float32 g b and g^T a by the factor, then
+    # cast once: bit-equal to their own float32 sums scaled and rounded
+    # (same products in the same order). The row sums do not move, and
+    # gdot comes from float32 g and dot products. Masked nan rows, two
+    # chunks of D.
+    args, kw, want = _case(40, 40, 128, "ids", "bfloat16", masked=True, per_column=True)
+    out, _ = _scaled_against_float32(args, kw, want, "ids", chunk=64, warpgroups=1)
+    for name, ok in out.items():
+      if name == "gdot_rows":
+        self.assertLess(ok, 1e-5, name)
+      else:
+        self.assertTrue(ok, name)
 
   def test_value_only_equals_value_with_derivatives(self):
     args, kw, want = _case(67, 67, 64, "diagonal", "bfloat16", masked=True)
@@ -258,7 +311,7 @@ import jax, jax.numpy as jnp, numpy as np
 import bce_jax
 from bce_jax._tiles import pallas_mosaic
 from tests import _host_devices, _mosaic_gpu, _reference
-from tests.test_tiles_pallas_mosaic import _case, _rel, SCALE, BIAS
+from tests.test_tiles_pallas_mosaic import _case, _rel, _scaled_against_float32, SCALE, BIAS
 
 out = {}
 cases = {  # rows, cols, dim, rule, dtype, masked, per-column bias, id parts
@@ -270,11 +323,17 @@ for name, (rows, cols, dim, rule, dtype, masked, per_column, parts) in cases.ite
   run = jax.jit(lambda a, b, s, c, kw, grads=True: pallas_mosaic.sweep(
     a, b, s, c, rule=rule, grads=grads, warpgroups=2, interpret=_mosaic_gpu.PARAMS, **kw),
     static_argnames="grads")
-  got = run(*args, kw)
+  if masked:  # the raw parts (float32, and scaled to 16 bits: one rounding), one call
+    scaled, raw = _scaled_against_float32(args, kw, want, rule, warpgroups=2)
+    got = {"loss": raw["loss"], "da": SCALE * raw["g_b"], "db": SCALE * raw["gt_a"],
+           "dscale": jnp.sum(raw["gdot_rows"]), "dbias": raw["g_cols"]}
+  else:
+    got = run(*args, kw)
   out[name] = {n: _rel(got[n], v) for n, v in want.items()}
   out[name].update({n + "_finite": bool(np.all(np.isfinite(got[n]))) for n in want})
   if masked:
     out[name]["value_only"] = _rel(run(*args, kw, grads=False)["loss"], want["loss"])
+    out[name].update({"scaled_" + n: v for n, v in scaled.items()})
 
 # the loss at D = 320 (two warpgroups by default): the diagonal rule, nan-masked rows
 rng = np.random.default_rng(3)
@@ -315,8 +374,12 @@ class TwoWarpgroupsTest(absltest.TestCase):
       for name, err in errors.items():
         if name == "two_warpgroup_kernels":  # the default at D = 320
           self.assertEqual(err, 2)
-        elif name.endswith("_finite"):
+        elif name.endswith("_finite") or (
+          name.startswith("scaled_") and name != "scaled_gdot_rows"
+        ):
           self.assertTrue(err, f"{case}: {name}")
+        elif name == "scaled_gdot_rows":
+          self.assertLess(err, 1e-5, f"{case}: {name}")
         else:
           self.assertLess(
             err, 1e-5 if name in ("loss", "value", "value_only") else tol, f"{case}: {name}"
@@ -381,6 +444,22 @@ class CudaLoweringTest(parameterized.TestCase):
       mosaic = vag("mosaic")
     self.assertEqual(_kernel_calls(mosaic), 2)  # the row kernel gives the value too
     self.assertEqual(_kernel_calls(vag(None)), 0)  # the default stays on Triton until measured
+
+  def test_no_float32_rows_by_dim(self):
+    # bfloat16 value_and_grad at B = 8192, D = 512 (two warpgroups): the
+    # kernels write s / count g y and g^T x in bfloat16 and give the float32
+    # gdot row sums, so no float32 [B, D] tensor is in the program.
+    batch, dim = 8192, 512
+    emb = jax.ShapeDtypeStruct((batch, dim), jnp.bfloat16)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    loss = lambda x, y, s, b: bce_jax.pairwise_sigmoid_loss(
+      x, y, scale=s, bias=b, implementation="mosaic"
+    )
+    with mock.patch.object(backend, "check_pallas"):
+      text = _lowered(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), emb, emb, scalar, scalar)
+    self.assertEqual(_kernel_calls(text), 2)
+    self.assertGreater(text.count(f"{batch}x{dim}xbf16>"), 0)  # the test can tell
+    self.assertEqual(text.count(f"{batch}x{dim}xf32>"), 0)
 
   @parameterized.named_parameters(("one_warpgroup", 64), ("two_warpgroups", 320))
   def test_inside_shard_map_with_check_vma(self, dim):

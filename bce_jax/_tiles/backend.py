@@ -144,10 +144,10 @@ def kernel_sweep(
   With `factor` (a float32 scalar) ``dx`` and ``dy`` are ``factor g y`` and
   ``factor g^T x`` in `dtypes` (of ``dx``, ``dy``; None: float32), and ``gdot`` holds the
   row sums of ``g <x_i, y_j>`` (for ``dL/dscale``, from float32 sums, not
-  from a rounded ``dx``). The Triton kernels scale and write them
+  from a rounded ``dx``). Both kernel families scale and write them
   themselves: a 16-bit dtype is one rounding of their float32 sums, and no
-  float32 ``[B, D]`` buffer exists. The Mosaic ones write 16-bit ``g y``
-  and ``g^T x``, scaled here (a second rounding).
+  float32 ``[B, D]`` buffer exists. (The Mosaic kernels write one dtype for
+  both; they take only embeddings of one 16-bit dtype, so ``dtypes`` agree.)
   """
   if "ids" in row:
     rule: dict[str, Any] = {"rule": "ids", "row_ids": row["ids"], "col_ids": col["ids"]}
@@ -166,8 +166,10 @@ def kernel_sweep(
     }
   dtypes = dtypes or (jnp.float32, jnp.float32)
   module: Any = pallas_triton
-  if kernel == "mosaic":  # g y and g^T x in the embeddings' dtype, written by the kernels
+  if kernel == "mosaic":  # g y and g^T x written by the kernels, scaled by `factor` if given
     module, rule = pallas_mosaic, {**rule, "out_dtype": row["x"].dtype}
+    if factor is not None and grads:
+      rule.update(factor=factor, out_dtype=dtypes[0])
   elif factor is not None and grads:  # scaled and written in `dtypes` by the kernels
     rule = {**rule, "da_scale": factor, "db_scale": factor}
     rule.update(da_dtype=dtypes[0], db_dtype=dtypes[1])
@@ -187,12 +189,8 @@ def kernel_sweep(
   if grads:
     found.update(g=out["g_rows"], dx=out["g_b"], dy=out["gt_a"])
   if grads and factor is not None:
-    if kernel == "mosaic":
-      dx, dy = (found[k].astype(jnp.float32) for k in ("dx", "dy"))
-      found["gdot"] = jnp.sum(row["x"].astype(jnp.float32) * dx, axis=1)
-      found.update(dx=(factor * dx).astype(dtypes[0]), dy=(factor * dy).astype(dtypes[1]))
-    else:
-      found["gdot"] = out["gdot_rows"]
+    found["gdot"] = out["gdot_rows"]
+    found["dy"] = found["dy"].astype(dtypes[1])  # the Mosaic kernels write dtypes[0]: no-op
   return found
 
 

@@ -25,6 +25,11 @@ Design (:mod:`.pallas_mosaic_kernel` holds the one-warpgroup body,
   MMA (as the Triton kernels do). float32 inputs and
   ``precision="highest"``/``"high"`` are refused with a ValueError (their
   MMAs would run in TF32 at best): use the Triton kernels or XLA tiles.
+* **Scaled in the kernels, rounded once.** ``g b`` and ``g^T a`` leave
+  as ``factor`` (a float32 scalar: the pairwise loss's ``s / count``) times
+  the float32 accumulators, cast once to ``out_dtype``; the row kernel also
+  sums ``g_ij <a_i, b_j>`` from the float32 ``g`` and dot products (for
+  ``dL/dscale``), so no float32 ``[B, D]`` tensor is needed outside.
 * **Mosaic-lowerable tile math.** No ``log1p`` nor ``custom_jvp`` (no
   lowering rules in Mosaic GPU): softplus and sigmoid come from one ``exp``,
   a ``log`` and a division (:func:`.pallas_mosaic_kernel.elementwise`).
@@ -163,6 +168,7 @@ def parts(
   grads: bool = True,
   precision: Any = None,
   out_dtype: Any = jnp.float32,
+  factor: jax.Array | float = 1.0,
   chunk: int | None = None,
   block_other: int = BLOCK,
   warpgroups: int | None = None,
@@ -174,8 +180,11 @@ def parts(
     A dict: with `value`, ``loss`` ``[B]`` (row sums of the element losses,
     float32); with `grads`, for ``g = sigmoid(z) - label`` (0 for excluded
     pairs): ``g_rows`` ``[B]`` and ``g_cols`` ``[C]`` (float32 row and
-    column sums), ``g_b`` ``[B, D]`` and ``gt_a`` ``[C, D]`` (``g b`` and
-    ``g^T a`` in `out_dtype`).
+    column sums), ``gdot_rows`` ``[B]`` (float32 row sums of ``g <a_i,
+    b_j>``, from the float32 ``g`` and dot products), ``g_b`` ``[B, D]``
+    and ``gt_a`` ``[C, D]`` (``factor g b`` and ``factor g^T a``: float32
+    sums times `factor`, a scalar, rounded once to `out_dtype` by the
+    kernels).
   """
   if rule not in RULES:
     raise ValueError(f"unknown positives rule {rule!r} for the Mosaic kernels; expected {RULES}")
@@ -240,7 +249,7 @@ def parts(
   out_dtype = np.dtype(out_dtype)
   interpret = _INTERPRET if interpret is None else interpret
 
-  def spec(own, other, value):
+  def spec(own, other, value, gdot):
     return _kernel.Spec(
       parts=len(row_parts),
       own_rows=own,
@@ -251,6 +260,7 @@ def parts(
       chunk=chunk if grads and warpgroups == 1 else dim_p,
       value=value,
       grads=grads,
+      gdot=gdot,
       stages=stages,
       dtype=np.dtype(dtype),
       out_dtype=out_dtype,
@@ -258,21 +268,22 @@ def parts(
     )
 
   zeros_rows, zeros_cols = jnp.zeros(rows_p, jnp.float32), jnp.zeros(cols_p, jnp.float32)
+  f = jnp.asarray(factor, jnp.float32).reshape(())
   row_args = [jnp.full(rows_p, s), zeros_rows, row_ok, *row_parts, a_p]
-  col_args = [bias_p, col_ok, *col_parts, b_p]
+  col_args = [bias_p, col_ok, *col_parts, b_p, b_p.T, jnp.full(rows_p, f)]
   call = _kernel.call if warpgroups == 1 else _kernel2.call
 
   def sums(v):  # per consumer warpgroup with two: [2, N]
     return v if v.ndim == 1 else jnp.sum(v, axis=0)
 
-  found = call(spec(rows_p, cols_p, value), _same_axes(row_args + col_args + [b_p.T]), interpret)
-  names = (["loss"] if value else []) + (["g_rows", "g_b"] if grads else [])
+  found = call(spec(rows_p, cols_p, value, grads), _same_axes(row_args + col_args), interpret)
+  names = (["loss"] if value else []) + (["g_rows", "gdot_rows", "g_b"] if grads else [])
   found = [v[:rows, :dim] if n == "g_b" else sums(v)[:rows] for n, v in zip(names, found)]
   out = dict(zip(names, found))
   if grads:
     own = [jnp.full(cols_p, s), bias_p, col_ok, *col_parts, b_p]
-    other = [zeros_rows, row_ok, *row_parts, a_p, a_p.T]
-    g_cols, gt_a = call(spec(cols_p, rows_p, False), _same_axes(own + other), interpret)
+    other = [zeros_rows, row_ok, *row_parts, a_p, a_p.T, jnp.full(cols_p, f)]
+    g_cols, gt_a = call(spec(cols_p, rows_p, False, False), _same_axes(own + other), interpret)
     out.update(g_cols=sums(g_cols)[:cols], gt_a=gt_a[:cols, :dim])
   del zeros_cols
   return out
@@ -308,7 +319,8 @@ def sweep(
       ``row_mask``, ``col_mask``: bool ``[B]`` and ``[C]``, False excludes
       that row (column) from every pair; its embedding may hold nan;
       ``precision``: None or ``"default"`` only;
-      ``out_dtype``: of ``da`` and ``db`` (float32 by default);
+      ``out_dtype``: of ``g b`` and ``g^T a`` as the kernels write them
+      (float32 by default);
       ``chunk``: columns of ``D`` a program accumulates (a multiple of 64);
       ``block_other``: rows of the other side a pipeline step, 64 or 32
       (32 halves each stage's SMEM: two stages at D = 512, for a narrower
@@ -345,15 +357,10 @@ def sweep(
   out = {"loss": raw["loss"]}
   if grads:
     s = jnp.asarray(scale, jnp.float32)
-    mask = options.get("row_mask")
-    a32 = a.astype(jnp.float32)
-    if mask is not None:
-      a32 = jnp.where(mask[:, None], a32, 0.0)
-    g_b = raw["g_b"].astype(jnp.float32)
     out.update(
-      da=s * g_b,
+      da=s * raw["g_b"].astype(jnp.float32),
       db=s * raw["gt_a"].astype(jnp.float32),
-      dscale=jnp.sum(a32 * g_b),  # sum_ij g_ij <a_i, b_j>
+      dscale=jnp.sum(raw["gdot_rows"]),  # sum_ij g_ij <a_i, b_j>
       dbias=jnp.sum(raw["g_cols"]) if jnp.ndim(bias) == 0 else raw["g_cols"],
     )
   return out

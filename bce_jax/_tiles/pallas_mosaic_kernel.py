@@ -23,19 +23,22 @@ the interpreter: register layouts are not cast (it has no rule for
 accumulating in place (it has no ``run_state``). The cross-lowering tests
 cover the compiled path.
 
-The row sums of the loss and of ``g`` stay in registers; at the end a
+The row sums of the loss and of ``g`` (and with ``gdot`` of ``g S``, from
+the float32 ``g`` and logits' dot products) stay in registers; at the end a
 program writes its rows' sums (the first chunk only) and its ``[bo, chunk]``
-part of ``d_own`` through a small SMEM buffer. Nothing of size
+part of ``d_own``, multiplied by its rows' ``factor`` in float32 and then
+cast once to ``out_dtype``, through a small SMEM buffer. Nothing of size
 ``[B, C]`` leaves the chip.
 
 Refs, in order: ``scale [No]`` (float32, ``s`` on every row),
 ``own_bias [No]``, ``own_ok [No]`` (int32, 0 excludes), ``own_ids`` (P
 arrays ``[No]`` int32), ``own [No, Dp]``, ``other_bias [Nx]``,
 ``other_ok [Nx]``, ``other_ids`` (P arrays ``[Nx]``), ``other [Nx, Dp]``,
-``other_t [Dp, Nx]``; then the outputs ``loss [No]`` (with ``value``),
-``g_sums [No]`` and ``d_own [No, Dp]`` (with ``grads``); then the scratch:
-``own_smem [bo, Dp]``, ``g_smem [bo, bx]``, ``vec_smem [2, bo]`` (float32:
-scale and bias, later the sums), ``int_smem [1 + P, bo]`` (int32: ok and
+``other_t [Dp, Nx]``, ``factor [No]`` (float32, what ``d_own`` is
+multiplied by); then the outputs ``loss [No]`` (with ``value``), ``g_sums
+[No]``, ``gdot [No]`` (with ``gdot``) and ``d_own [No, Dp]`` (with
+``grads``); then the scratch: ``own_smem [bo, Dp]``, ``g_smem [bo, bx]``,
+``vec_smem [3, bo]`` (float32: scale, bias and factor, later the sums), ``int_smem [1 + P, bo]`` (int32: ok and
 ids), ``out_smem [bo, 64]`` and a barrier.
 """
 
@@ -71,6 +74,7 @@ class Spec:
   chunk: int  # columns of d_own a program accumulates
   value: bool  # write the row sums of the loss
   grads: bool  # write the row sums of g and d_own
+  gdot: bool  # with grads, also the row sums of g <own_i, other_j> (float32)
   stages: int  # TMA pipeline depth
   dtype: Any  # of own and other (16-bit)
   out_dtype: Any  # of d_own
@@ -143,12 +147,15 @@ def body(*refs, spec: Spec) -> None:
   rest = refs[4 + p :]
   xbias_ref, xok_ref = rest[:2]
   xids = rest[2 : 2 + p]
-  other_ref, other_t_ref = rest[2 + p : 4 + p]
-  outs = rest[4 + p :]
-  n_out = int(spec.value) + 2 * int(spec.grads)
+  other_ref, other_t_ref, factor_ref = rest[2 + p : 5 + p]
+  outs = rest[5 + p :]
+  gdot = spec.grads and spec.gdot
+  n_out = int(spec.value) + 2 * int(spec.grads) + int(gdot)
   outs, (own_smem, g_smem, vec_smem, int_smem, out_smem, barrier) = outs[:n_out], outs[n_out:]
   loss_out = outs[0] if spec.value else None
-  gsum_out, down_out = outs[-2:] if spec.grads else (None, None)
+  grad_outs: list[Any] = list(outs[int(spec.value) :]) if spec.grads else [None, None]
+  gsum_out, down_out = grad_outs[0], grad_outs[-1]  # g_sums, [gdot], d_own
+  gdot_out = grad_outs[1] if gdot else None
 
   bo, bx, chunk = spec.block_own, spec.block_other, spec.chunk
   i, k = lax.axis_index("own"), lax.axis_index("chunk")
@@ -186,12 +193,14 @@ def body(*refs, spec: Spec) -> None:
     for o, x in zip(own_ids[1:], xids[1:]):
       pos = pos & (o == x)
     loss, g = elementwise(logits, pos)
-    loss_sum, g_sum, d_own = carry  # g_sum and d_own: None without grads
+    loss_sum, g_sum, gdot_sum, d_own = carry  # None without grads (gdot_sum: without gdot)
     if spec.value:
       loss_sum = loss_sum + jnp.sum(jnp.where(ok, loss, 0.0), axis=1)
     if spec.grads:
       g = jnp.where(ok, g, 0.0)
       g_sum = g_sum + jnp.sum(g, axis=1)
+      if gdot:  # float32 g and dot products: no rounded operand
+        gdot_sum = gdot_sum + jnp.sum(g * s, axis=1)
       g_smem[...] = g.astype(spec.dtype)  # the MMA's left operand, from SMEM
       plgpu.commit_smem()
 
@@ -204,12 +213,13 @@ def body(*refs, spec: Spec) -> None:
         )
       else:  # accumulate in the MMA's registers
         d_own = pl.run_state(grad)(plgpu.ACC.init(d_own))
-    return loss_sum, g_sum, d_own
+    return loss_sum, g_sum, gdot_sum, d_own
 
   zeros = lambda shape, layout: _cast(spec, jnp.zeros(shape, jnp.float32), layout)
   init = (  # no [bo, chunk] accumulator without grads: it would take registers
     zeros((bo,), _vec_layout(1)),
     zeros((bo,), _vec_layout(1)) if spec.grads else None,
+    zeros((bo,), _vec_layout(1)) if gdot else None,
     zeros((bo, chunk), plgpu.Layout.WGMMA) if spec.grads else None,
   )
   vec_spec = plgpu.BlockSpec((bx,), lambda j: (j,))
@@ -228,7 +238,7 @@ def body(*refs, spec: Spec) -> None:
     max_concurrent_steps=spec.stages,
     init_carry=init,
   )
-  loss_sum, g_sum, d_own = pipeline(xbias_ref, xok_ref, *xids, *other_chunk, other_t_ref)
+  loss_sum, g_sum, gdot_sum, d_own = pipeline(xbias_ref, xok_ref, *xids, *other_chunk, other_t_ref)
 
   def write_vec(x, out):  # through slot 0, read into registers long before
     vec_smem[0] = x
@@ -242,8 +252,11 @@ def body(*refs, spec: Spec) -> None:
       write_vec(loss_sum, loss_out)
     if spec.grads:
       write_vec(g_sum, gsum_out)
+    if gdot:
+      write_vec(gdot_sum, gdot_out)
 
-  if spec.grads:
+  if spec.grads:  # scaled in float32, then one cast to out_dtype
+    d_own = d_own * lax.broadcast_in_dim(own_vec(factor_ref, vec_smem.at[2]), (bo, chunk), [0])
     for e in range(chunk // EPILOGUE):
       cols = slice(e * EPILOGUE, (e + 1) * EPILOGUE)
       out_smem[...] = d_own[:, cols].astype(spec.out_dtype)
@@ -262,6 +275,8 @@ def call(spec: Spec, args: list[jax.Array], interpret: Any) -> list[jax.Array]:
     outs.append(jax.ShapeDtypeStruct((no,), jnp.float32))
   if spec.grads:
     outs.append(jax.ShapeDtypeStruct((no,), jnp.float32))
+    if spec.gdot:
+      outs.append(jax.ShapeDtypeStruct((no,), jnp.float32))
     outs.append(jax.ShapeDtypeStruct((no, spec.dim), spec.out_dtype))
   scratch: list[Any] = [
     plgpu.SMEM((spec.block_own, spec.dim), spec.dtype, transforms=_mma_swizzled(spec, spec.dim)),
@@ -270,7 +285,7 @@ def call(spec: Spec, args: list[jax.Array], interpret: Any) -> list[jax.Array]:
       spec.dtype,
       transforms=_mma_swizzled(spec, spec.block_other),
     ),
-    plgpu.SMEM((2, spec.block_own), jnp.float32),
+    plgpu.SMEM((3, spec.block_own), jnp.float32),
     plgpu.SMEM((1 + spec.parts, spec.block_own), jnp.int32),
     plgpu.SMEM(
       (spec.block_own, EPILOGUE),

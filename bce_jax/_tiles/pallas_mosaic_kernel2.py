@@ -31,16 +31,18 @@ its step-``j`` MMA (read of that slot) has completed. Each consumer releases
 refills them during the element math and the gradient's MMA) and ``other``
 after the gradient's MMA.
 
-Row sums leave as ``[2, No]`` (one row per consumer, added by the wrapper);
-``d_own``'s halves leave through a small per-consumer SMEM buffer. Where
+Row sums (loss, ``g``, with ``gdot`` ``g S``) leave as ``[2, No]`` (one
+row per consumer, added by the wrapper); ``d_own``'s halves, multiplied by
+the rows' ``factor`` in float32 and cast once, leave through a small
+per-consumer SMEM buffer. Where
 interpreted, layouts are not cast and ``d_own`` adds a fresh accumulator
 (the interpreter has no ``layout_cast`` rule nor ``run_state``), as in the
 one-warpgroup body.
 
 Refs, in order: as :mod:`.pallas_mosaic_kernel`, then the outputs ``loss
-[2, No]`` (with ``value``), ``g_sums [2, No]`` and ``d_own [No, Dp]`` (with
-``grads``), then the scratch: ``own_smem [bo, Dp]``, ``g_smem [2, bo, bx]``,
-``vec_smem [2, 2, bo]`` (float32, per consumer), ``int_smem [2, 1 + P,
+[2, No]`` (with ``value``), ``g_sums [2, No]``, ``gdot [2, No]`` (with
+``gdot``) and ``d_own [No, Dp]`` (with ``grads``), then the scratch:
+``own_smem [bo, Dp]``, ``g_smem [2, bo, bx]``, ``vec_smem [2, 3, bo]`` (float32, per consumer), ``int_smem [2, 1 + P,
 bo]``, ``out_smem [2, bo, E]`` and the barriers (own block, per-consumer
 vectors, the consumers' step barrier).
 """
@@ -79,13 +81,16 @@ def body(*refs, spec: Spec) -> None:
   rest = refs[4 + p :]
   xbias_ref, xok_ref = rest[:2]
   xids = rest[2 : 2 + p]
-  other_ref, other_t_ref = rest[2 + p : 4 + p]
-  outs = rest[4 + p :]
-  n_out = int(spec.value) + 2 * int(spec.grads)
+  other_ref, other_t_ref, factor_ref = rest[2 + p : 5 + p]
+  outs = rest[5 + p :]
+  gdot = spec.grads and spec.gdot
+  n_out = int(spec.value) + 2 * int(spec.grads) + int(gdot)
   outs, scratch = outs[:n_out], outs[n_out:]
   own_smem, g_smem, vec_smem, int_smem, out_smem, own_bar, vec_bar, step_bar = scratch
   loss_out = outs[0] if spec.value else None
-  gsum_out, down_out = outs[-2:] if spec.grads else (None, None)
+  grad_outs: list[Any] = list(outs[int(spec.value) :]) if spec.grads else [None, None]
+  gsum_out, down_out = grad_outs[0], grad_outs[-1]  # g_sums, [gdot], d_own
+  gdot_out = grad_outs[1] if gdot else None
 
   bo, bx, dim = spec.block_own, spec.block_other, spec.dim
   cols, half = bx // CONSUMERS, dim // CONSUMERS
@@ -105,7 +110,7 @@ def body(*refs, spec: Spec) -> None:
     other_t, other_chunk = rest[0], (rest[1] if spec.grads else None)
     done, carry = rest[n_in - 2 - p : 2 * n_in - 2 - p], rest[-1]
     done_vecs, done_t = done[: 2 + p], done[2 + p]
-    (scale, obias, ook, own_ids), (loss_sum, g_sum, d_own) = carry
+    (scale, obias, ook, own_ids), (loss_sum, g_sum, gdot_sum, d_own) = carry
 
     def dots(acc_ref):
       plgpu.wgmma(acc_ref, own_smem, other_t.at[:, mine])
@@ -127,6 +132,8 @@ def body(*refs, spec: Spec) -> None:
     if spec.grads:
       g = jnp.where(ok, g, 0.0)
       g_sum = g_sum + jnp.sum(g, axis=1)
+      if gdot:  # float32 g and dot products: no rounded operand
+        gdot_sum = gdot_sum + jnp.sum(g * s, axis=1)
       slot = g_smem.at[lax.rem(indices[0], 2)]  # by step parity
       slot.at[:, mine][...] = g.astype(spec.dtype)
       plgpu.commit_smem()
@@ -144,7 +151,7 @@ def body(*refs, spec: Spec) -> None:
       else:
         d_own = pl.run_state(grad)(plgpu.ACC.init(d_own))
       plgpu.barrier_arrive(done[-1])  # other: released after the gradient's MMA
-    return (scale, obias, ook, own_ids), (loss_sum, g_sum, d_own)
+    return (scale, obias, ook, own_ids), (loss_sum, g_sum, gdot_sum, d_own)
 
   def consumer(run):
     @pl.when(wg == 0)
@@ -168,9 +175,10 @@ def body(*refs, spec: Spec) -> None:
     init = (
       zeros((bo,), _one._vec_layout(1)),
       zeros((bo,), _one._vec_layout(1)) if spec.grads else None,
+      zeros((bo,), _one._vec_layout(1)) if gdot else None,
       zeros((bo, half), plgpu.Layout.WGMMA) if spec.grads else None,
     )
-    _, (loss_sum, g_sum, d_own) = run((fixed, init))
+    _, (loss_sum, g_sum, gdot_sum, d_own) = run((fixed, init))
 
     def write_vec(x, out):
       vecs[0] = x
@@ -182,6 +190,10 @@ def body(*refs, spec: Spec) -> None:
       write_vec(loss_sum, loss_out)
     if spec.grads:
       write_vec(g_sum, gsum_out)
+      if gdot:
+        write_vec(gdot_sum, gdot_out)
+      # scaled in float32, then one cast to out_dtype
+      d_own = d_own * lax.broadcast_in_dim(own_vec(factor_ref, vecs.at[2]), (bo, half), [0])
       width, buf = _out_cols(spec), out_smem.at[wg]
       for e in range(half // width):
         buf[...] = d_own[:, e * width : (e + 1) * width].astype(spec.out_dtype)
@@ -219,6 +231,8 @@ def call(spec: Spec, args: list[jax.Array], interpret: Any) -> list[jax.Array]:
     outs.append(jax.ShapeDtypeStruct((CONSUMERS, no), jnp.float32))
   if spec.grads:
     outs.append(jax.ShapeDtypeStruct((CONSUMERS, no), jnp.float32))
+    if spec.gdot:
+      outs.append(jax.ShapeDtypeStruct((CONSUMERS, no), jnp.float32))
     outs.append(jax.ShapeDtypeStruct((no, dim), spec.out_dtype))
   width = _out_cols(spec)
   scratch: list[Any] = [
@@ -226,7 +240,7 @@ def call(spec: Spec, args: list[jax.Array], interpret: Any) -> list[jax.Array]:
     plgpu.SMEM(
       (2, bo, spec.block_other), spec.dtype, transforms=_mma_swizzled(spec, spec.block_other)
     ),
-    plgpu.SMEM((CONSUMERS, 2, bo), jnp.float32),
+    plgpu.SMEM((CONSUMERS, 3, bo), jnp.float32),
     plgpu.SMEM((CONSUMERS, 1 + spec.parts, bo), jnp.int32),
     plgpu.SMEM(
       (CONSUMERS, bo, width), spec.out_dtype, transforms=_one._swizzled(width, spec.out_dtype)
