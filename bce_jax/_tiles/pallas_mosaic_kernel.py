@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -139,23 +139,82 @@ def _load(spec: Spec, ref, axis: int) -> jax.Array:
   return _cast(spec, ref[...], _vec_layout(axis))
 
 
-def body(*refs, spec: Spec) -> None:
+class Refs(NamedTuple):
+  """A kernel body's references, in the order :func:`call` passes them (one
+  layout for both bodies); outputs not asked for are None."""
+
+  scale: Any
+  own_bias: Any
+  own_ok: Any
+  own_ids: tuple[Any, ...]
+  own: Any
+  other_bias: Any
+  other_ok: Any
+  other_ids: tuple[Any, ...]
+  other: Any
+  other_t: Any
+  factor: Any
+  loss_out: Any
+  gsum_out: Any
+  gdot_out: Any
+  down_out: Any
+  scratch: tuple[Any, ...]
+
+
+def unpack(refs: tuple[Any, ...], spec: Spec) -> Refs:
+  """`refs` as :class:`Refs`: the inputs, the outputs `spec` asks for, then the scratch."""
   p = spec.parts
-  scale_ref, obias_ref, ook_ref = refs[:3]
-  oids = refs[3 : 3 + p]
-  own_ref = refs[3 + p]
-  rest = refs[4 + p :]
-  xbias_ref, xok_ref = rest[:2]
-  xids = rest[2 : 2 + p]
-  other_ref, other_t_ref, factor_ref = rest[2 + p : 5 + p]
-  outs = rest[5 + p :]
+  inputs, rest = refs[: 9 + 2 * p], refs[9 + 2 * p :]
   gdot = spec.grads and spec.gdot
   n_out = int(spec.value) + 2 * int(spec.grads) + int(gdot)
-  outs, (own_smem, g_smem, vec_smem, int_smem, out_smem, barrier) = outs[:n_out], outs[n_out:]
-  loss_out = outs[0] if spec.value else None
-  grad_outs: list[Any] = list(outs[int(spec.value) :]) if spec.grads else [None, None]
-  gsum_out, down_out = grad_outs[0], grad_outs[-1]  # g_sums, [gdot], d_own
-  gdot_out = grad_outs[1] if gdot else None
+  outs, scratch = list(rest[:n_out]), tuple(rest[n_out:])
+  loss_out = outs.pop(0) if spec.value else None
+  gsum_out = outs.pop(0) if spec.grads else None
+  gdot_out = outs.pop(0) if gdot else None
+  down_out = outs.pop(0) if spec.grads else None
+  own_ids, other_ids = tuple(inputs[3 : 3 + p]), tuple(inputs[6 + p : 6 + 2 * p])
+  scale, own_bias, own_ok, own = inputs[0], inputs[1], inputs[2], inputs[3 + p]
+  other_bias, other_ok = inputs[4 + p], inputs[5 + p]
+  other, other_t, factor = inputs[6 + 2 * p], inputs[7 + 2 * p], inputs[8 + 2 * p]
+  return Refs(
+    scale,
+    own_bias,
+    own_ok,
+    own_ids,
+    own,
+    other_bias,
+    other_ok,
+    other_ids,
+    other,
+    other_t,
+    factor,
+    loss_out,
+    gsum_out,
+    gdot_out,
+    down_out,
+    scratch,
+  )
+
+
+def out_types(spec: Spec, lead: tuple[int, ...] = ()) -> list[jax.ShapeDtypeStruct]:
+  """The outputs of :func:`unpack`'s order: float32 row sums (each with the
+  `lead` axes, one per consumer) and ``d_own`` in ``spec.out_dtype``."""
+  row = jax.ShapeDtypeStruct((*lead, spec.own_rows), jnp.float32)
+  outs = [row] if spec.value else []
+  if spec.grads:
+    outs += [row, row] if spec.gdot else [row]
+    outs.append(jax.ShapeDtypeStruct((spec.own_rows, spec.dim), spec.out_dtype))
+  return outs
+
+
+def body(*refs, spec: Spec) -> None:
+  p = spec.parts
+  r = unpack(refs, spec)
+  scale_ref, obias_ref, ook_ref, oids, own_ref = r[:5]
+  xbias_ref, xok_ref, xids, other_ref, other_t_ref, factor_ref = r[5:11]
+  loss_out, gsum_out, gdot_out, down_out = r.loss_out, r.gsum_out, r.gdot_out, r.down_out
+  own_smem, g_smem, vec_smem, int_smem, out_smem, barrier = r.scratch
+  gdot = gdot_out is not None
 
   bo, bx, chunk = spec.block_own, spec.block_other, spec.chunk
   i, k = lax.axis_index("own"), lax.axis_index("chunk")
@@ -270,14 +329,7 @@ def body(*refs, spec: Spec) -> None:
 def call(spec: Spec, args: list[jax.Array], interpret: Any) -> list[jax.Array]:
   """Runs :func:`body` over a grid of own blocks x chunks of ``D``."""
   no = spec.own_rows
-  outs = []
-  if spec.value:
-    outs.append(jax.ShapeDtypeStruct((no,), jnp.float32))
-  if spec.grads:
-    outs.append(jax.ShapeDtypeStruct((no,), jnp.float32))
-    if spec.gdot:
-      outs.append(jax.ShapeDtypeStruct((no,), jnp.float32))
-    outs.append(jax.ShapeDtypeStruct((no, spec.dim), spec.out_dtype))
+  outs = out_types(spec)
   scratch: list[Any] = [
     plgpu.SMEM((spec.block_own, spec.dim), spec.dtype, transforms=_mma_swizzled(spec, spec.dim)),
     plgpu.SMEM(

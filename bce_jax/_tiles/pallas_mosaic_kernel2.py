@@ -75,22 +75,12 @@ def _out_cols(spec: Spec) -> int:
 
 def body(*refs, spec: Spec) -> None:
   p = spec.parts
-  scale_ref, obias_ref, ook_ref = refs[:3]
-  oids = refs[3 : 3 + p]
-  own_ref = refs[3 + p]
-  rest = refs[4 + p :]
-  xbias_ref, xok_ref = rest[:2]
-  xids = rest[2 : 2 + p]
-  other_ref, other_t_ref, factor_ref = rest[2 + p : 5 + p]
-  outs = rest[5 + p :]
-  gdot = spec.grads and spec.gdot
-  n_out = int(spec.value) + 2 * int(spec.grads) + int(gdot)
-  outs, scratch = outs[:n_out], outs[n_out:]
-  own_smem, g_smem, vec_smem, int_smem, out_smem, own_bar, vec_bar, step_bar = scratch
-  loss_out = outs[0] if spec.value else None
-  grad_outs: list[Any] = list(outs[int(spec.value) :]) if spec.grads else [None, None]
-  gsum_out, down_out = grad_outs[0], grad_outs[-1]  # g_sums, [gdot], d_own
-  gdot_out = grad_outs[1] if gdot else None
+  r = _one.unpack(refs, spec)
+  scale_ref, obias_ref, ook_ref, oids, own_ref = r[:5]
+  xbias_ref, xok_ref, xids, other_ref, other_t_ref, factor_ref = r[5:11]
+  loss_out, gsum_out, gdot_out, down_out = r.loss_out, r.gsum_out, r.gdot_out, r.down_out
+  own_smem, g_smem, vec_smem, int_smem, out_smem, own_bar, vec_bar, step_bar = r.scratch
+  gdot = gdot_out is not None
 
   bo, bx, dim = spec.block_own, spec.block_other, spec.dim
   cols, half = bx // CONSUMERS, dim // CONSUMERS
@@ -226,14 +216,7 @@ def call(spec: Spec, args: list[jax.Array], interpret: Any) -> list[jax.Array]:
   """Runs :func:`body` over a grid of own blocks (``spec.chunk`` is ignored:
   each consumer holds half of ``D``)."""
   no, bo, dim = spec.own_rows, spec.block_own, spec.dim
-  outs = []
-  if spec.value:
-    outs.append(jax.ShapeDtypeStruct((CONSUMERS, no), jnp.float32))
-  if spec.grads:
-    outs.append(jax.ShapeDtypeStruct((CONSUMERS, no), jnp.float32))
-    if spec.gdot:
-      outs.append(jax.ShapeDtypeStruct((CONSUMERS, no), jnp.float32))
-    outs.append(jax.ShapeDtypeStruct((no, dim), spec.out_dtype))
+  outs = _one.out_types(spec, (CONSUMERS,))
   width = _out_cols(spec)
   scratch: list[Any] = [
     plgpu.SMEM((bo, dim), spec.dtype, transforms=_mma_swizzled(spec, dim)),
