@@ -89,9 +89,10 @@ def check_pallas(
   if why is None and jax.default_backend() != "gpu" and not interpreted:
     why = f"they need a GPU, and this process runs on {jax.default_backend()!r}"
   if why is not None:
+    other = ", or 'pallas'" if mosaic else ""
     raise ValueError(
       f"`implementation`={implementation!r} cannot run: {why}. Pass implementation=None to "
-      f"choose per backend, or 'xla'{', or pallas' if mosaic else ''}."
+      f"choose per backend, or 'xla'{other}."
     )
 
 
