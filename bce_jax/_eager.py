@@ -18,7 +18,6 @@ import functools
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from bce_jax import _validate
 
@@ -26,15 +25,16 @@ __all__ = ["CONCRETE", "Eager", "bound", "eager", "note_concrete"]
 
 
 class Eager(NamedTuple):
-  """How a configuration is called eagerly: a jitted callable and its constant arguments.
+  """How a configuration is called eagerly: a jitted callable and its `pos_weight`.
 
   `call` takes arrays only (or None) and checks its inputs' shapes and
-  dtypes while it is traced, once per input signature; `smoothing` and
-  `pos_weight` are the configuration's constants, passed as they are.
+  dtypes while it is traced, once per input signature. The label smoothing
+  is bound into it as a constant of the program (one argument fewer to
+  dispatch); `pos_weight`, the configuration's array or None, is passed
+  as it is.
   """
 
   call: Any
-  smoothing: Any
   pos_weight: Any
 
 
@@ -89,14 +89,13 @@ def eager(head, config, checked, y_true, y_pred, sample_weight=None, mask=None) 
   # `axis` by value and type: 1.0 == True == 1, and only the int passes its check.
   axis_types: Any = tuple(map(type, axis)) if isinstance(axis, tuple) else type(axis)
   call = bound(checked[0], formula, label_smoothing, axis, axis_types, elementwise, *checked[1:])
-  # The constants outlive this call: arrays, not tracers of a trace around it.
-  with jax.ensure_compile_time_eval():
-    smoothing = jnp.asarray(label_smoothing)
-    if pos_weight is not None:
+  # The constant outlives this call: an array, not a tracer of a trace around it.
+  if pos_weight is not None:
+    with jax.ensure_compile_time_eval():
       pos_weight = _validate.as_array("pos_weight", pos_weight)
   if len(_EAGER) >= _MAX_EAGER:
     _EAGER.clear()
-  out = _EAGER[key] = Eager(call, smoothing, pos_weight)
+  out = _EAGER[key] = Eager(call, pos_weight)
   return out
 
 

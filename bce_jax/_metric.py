@@ -95,7 +95,7 @@ class Metric(Config):
       checked = (_checked_update, tag)
       eager = _eager.eager(self, self.call_config, checked, y_true, y_pred, sample_weight, mask)
     if eager is not None:
-      arrays = (y_true, y_pred, eager.smoothing, eager.pos_weight, sample_weight, mask)
+      arrays = (y_true, y_pred, eager.pos_weight, sample_weight, mask)
       leaves = eager.call(*_state.leaves(state), *arrays)
     else:
       state = _state.check_state(state, tag)

@@ -230,9 +230,8 @@ def batch_sums(formula, layout, *arrays):
 
 def _checked_elementwise(formula, label_smoothing, axis, axis_types, elementwise, *arrays):
   del axis, axis_types, elementwise
-  y_true, y_pred, smoothing, pos_weight = arrays
-  (y_true, y_pred, _, pos_weight), shape = _prepare(y_true, y_pred, label_smoothing, pos_weight)
-  return _elementwise_value(formula, shape, y_true, y_pred, smoothing, pos_weight)
+  arrays, shape = _prepare(*arrays[:2], label_smoothing, arrays[2])
+  return _elementwise_value(formula, shape, *arrays)
 
 
 def _checked_loss(formula, label_smoothing, axis, axis_types, elementwise, reduction, *arrays):
@@ -242,12 +241,16 @@ def _checked_loss(formula, label_smoothing, axis, axis_types, elementwise, reduc
 
 
 def checked_call(label_smoothing, axis, elementwise, *arrays):
-  """:func:`prepare_call` while an eager callable is traced; the `smoothing` array is kept."""
-  y_true, y_pred, smoothing, pos_weight, sample_weight, mask = arrays
-  layout, arrays = prepare_call(
+  """:func:`prepare_call` while an eager callable is traced, on its arrays
+  ``(y_true, y_pred, pos_weight, sample_weight, mask)``.
+
+  `label_smoothing` is the configuration's float: a constant of the
+  compiled program, not one more argument to dispatch.
+  """
+  y_true, y_pred, pos_weight, sample_weight, mask = arrays
+  return prepare_call(
     y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask, elementwise
   )
-  return layout, (arrays[0], arrays[1], smoothing, *arrays[3:])
 
 
 def _function_head(kind, formula, label_smoothing, pos_weight, axis, elementwise):
@@ -274,7 +277,7 @@ def elementwise(formula, y_true, y_pred, label_smoothing, pos_weight) -> jax.Arr
     y_pred,
   )
   if e is not None:
-    return e.call(y_true, y_pred, e.smoothing, e.pos_weight)
+    return e.call(y_true, y_pred, e.pos_weight)
   arrays, shape = _prepare(y_true, y_pred, label_smoothing, pos_weight)
   note_concrete(y_true, y_pred)
   return _elementwise_core(formula, shape, *arrays)
@@ -285,7 +288,7 @@ def object_loss(loss, y_true, y_pred, sample_weight=None, mask=None) -> jax.Arra
   checked = (_checked_loss, loss.reduction)
   e = eager(loss, loss.call_config, checked, y_true, y_pred, sample_weight, mask)
   if e is not None:
-    return e.call(y_true, y_pred, e.smoothing, e.pos_weight, sample_weight, mask)
+    return e.call(y_true, y_pred, e.pos_weight, sample_weight, mask)
   formula, label_smoothing, pos_weight, axis, elementwise = loss.call_config()
   layout, arrays = prepare_call(
     y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask, elementwise
@@ -307,7 +310,7 @@ def axis_mean(
     y_pred,
   )
   if e is not None:
-    return e.call(y_true, y_pred, e.smoothing, e.pos_weight, None, None)
+    return e.call(y_true, y_pred, e.pos_weight, None, None)
   layout, arrays = prepare_call(
     y_true, y_pred, label_smoothing, pos_weight, axis, None, None, elementwise
   )

@@ -165,6 +165,38 @@ class PlanContextTest(parameterized.TestCase):
     self.assertEqual(bce(y, x).dtype, jnp.float32)
 
 
+class SmoothingConstantTest(parameterized.TestCase):
+  """The label smoothing is a constant of an eager call's program, not an argument."""
+
+  def test_an_unweighted_eager_call_dispatches_only_its_inputs(self):
+    y, x = _case(9)
+    bce = bce_jax.BinaryCrossentropy(from_logits=True, label_smoothing=0.25)
+    bce(y, x), bce(y, x)
+    entry = bce_jax._eager._EAGER[(bce, False)]  # the configuration's callable, x64 off
+    lowered = entry.call.lower(y, x, entry.pos_weight, None, None)
+    # y_true and y_pred: no array for the smoothing (None leaves no parameter).
+    self.assertEqual(len(jax.tree.leaves(lowered.args_info)), 2)
+
+  @parameterized.product(
+    smoothing=(0.1, 1 / 3, 0.999), dtype=(jnp.float32, jnp.bfloat16, jnp.float16)
+  )
+  def test_eager_values_equal_the_checked_ones_to_the_bit(self, smoothing, dtype):
+    y, x, w, _ = _weighted_case(10, (6, 5), dtype)
+    p = jax.nn.sigmoid(x)
+    metric = bce_jax.BinaryCrossentropyMetric(label_smoothing=smoothing)
+    calls = (
+      lambda: bce_jax.BinaryCrossentropy(from_logits=True, label_smoothing=smoothing)(y, x, w),
+      lambda: bce_jax.binary_crossentropy(y, p, label_smoothing=smoothing),
+      lambda: bce_jax.binary_focal_crossentropy_elementwise(
+        y, x, from_logits=True, label_smoothing=smoothing
+      ),
+      lambda: metric.update(metric.init(), y, p, w),
+    )
+    for call in calls:
+      first, second, third = call(), call(), call()  # checked, then eager
+      chex.assert_trees_all_equal(first, second, third)
+
+
 def _weighted_case(seed, shape, dtype):
   rng = np.random.default_rng(seed)
   y = jnp.asarray(rng.random(shape) < 0.5, dtype)
