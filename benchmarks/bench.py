@@ -6,6 +6,7 @@ Modes (one command each; see benchmarks/README.md):
   python benchmarks/bench.py --quick          # flat smoke test: small N, 5 repeats
   python benchmarks/bench.py --matrix         # shapes x paths x dtypes x modes, N = 1e7
   python benchmarks/bench.py --eager          # small batches called without jax.jit
+  python benchmarks/bench.py --narrow         # rows of 2-16 elements against flat [N], N = 2e6
   python benchmarks/bench.py --matrix --check-targets   # matrix, eager and the targets
   python benchmarks/bench.py --markdown FILE.json       # a results file as README tables
 
@@ -31,6 +32,7 @@ import eager
 import flat
 import jax
 import matrix
+import narrow
 import peers
 import plots
 import report
@@ -99,7 +101,7 @@ def run_flat(args, argv) -> dict:
 
 def run_matrix(args, argv) -> dict:
   """The matrix, resumable: the JSON is rewritten after every cell."""
-  n = int(args.n)
+  n = int(args.n or 1e7)
   tag = args.tag or (jax.default_backend() + ("" if n == 10**7 else f"-n{n}"))
   path = RESULTS / f"matrix-{tag}.json"
   repeats = args.repeats or 10
@@ -149,6 +151,30 @@ def run_eager(args, argv) -> dict:
   return record
 
 
+def run_narrow(args, argv) -> dict:
+  """Rows of each width against the flat [N] figure (bce_jax alone)."""
+  n = int(args.n or 2e6)
+  repeats = args.repeats or 9
+  record = _record("narrow", repeats, argv)
+  tag = args.tag or jax.default_backend()
+  widths = args.widths or narrow.WIDTHS
+  print(f"narrow rows: widths {list(widths)}, N = {n:.0e}, {repeats} repeats")
+  rows = narrow.run(
+    n,
+    widths,
+    args.dtypes,
+    narrow.PATHS,
+    matrix.MODES,
+    repeats,
+    lambda r: print(narrow.format_row(r)),
+  )
+  record.update(n=n, narrow=rows)
+  print(narrow.markdown(rows))
+  _write(RESULTS / f"narrow-{tag}.json", record)
+  print(f"wrote {RESULTS / f'narrow-{tag}.json'}")
+  return record
+
+
 def _evaluate(record: dict) -> list[dict]:
   """The targets of a saved record, evaluated afresh (flat records keep their own)."""
   if record.get("kind") == "matrix":
@@ -163,6 +189,8 @@ def _parser() -> argparse.ArgumentParser:
   add = parser.add_argument
   add("--matrix", action="store_true", help="the shape matrix (default N = 1e7)")
   add("--eager", action="store_true", help="the eager-call table")
+  add("--narrow", action="store_true", help="rows of 2-16 elements against flat [N] (N = 2e6)")
+  add("--widths", type=int, nargs="+", help="narrow: the row widths (default 2 3 4 5 8 12 16)")
   add(
     "--check-targets",
     action="store_true",
@@ -173,12 +201,14 @@ def _parser() -> argparse.ArgumentParser:
   add("--huge", action="store_true", help="flat: add N = 1e8 (needs ~8 GB)")
   add("--sizes", type=float, nargs="+", help="flat: the sizes N")
   add("--groups", nargs="+", choices=cases.GROUPS + cases.FOCAL_GROUPS, help="flat: groups")
-  add("--n", type=float, default=1e7, help="matrix: elements per array (default 1e7)")
+  add("--n", type=float, help="matrix (default 1e7), narrow (default 2e6): elements")
   add("--shapes", nargs="+", choices=list(matrix.SHAPES), help="matrix: a subset of shapes")
   add("--families", nargs="+", choices=list(peers.FAMILIES), help="matrix: loss families")
   add("--resume", action="store_true", help="matrix: skip the cells already in its JSON")
   add("--dtypes", nargs="+", default=["float32", "bfloat16"])
-  add("--repeats", type=int, help="timed repeats (flat 25, --quick 5, matrix 10, eager 15)")
+  add(
+    "--repeats", type=int, help="timed repeats (flat 25, --quick 5, matrix 10, eager 15, narrow 9)"
+  )
   add("--tag", help="output name under benchmarks/results/ (default: the backend)")
   add("--no-plot", action="store_true")
   add("--no-accuracy", action="store_true")
@@ -210,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
   results = []
   if args.matrix:
     results += run_matrix(args, argv)["targets"]
+  if args.narrow:
+    run_narrow(args, argv)
   if args.eager or (args.check_targets and args.matrix):
     results += run_eager(args, argv)["targets"]
   if args.check_targets and not (args.matrix or args.eager):
@@ -220,10 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         record = json.loads(saved.read_text())
         print(f"from {saved}: {report.header(record)}")
         results += _evaluate(record)
-  if not (args.matrix or args.eager or args.check_targets):
+  if not (args.matrix or args.eager or args.check_targets or args.narrow):
     results = run_flat(args, argv)["targets"]
-  print("\ntargets:")
-  print(targets.format_targets(results))
+  if results or not args.narrow:
+    print("\ntargets:")
+    print(targets.format_targets(results))
   missed = any(t["met"] is False for t in results)
   return 1 if args.check_targets and missed else 0
 

@@ -1,6 +1,6 @@
 """Tables and markdown for the three kinds of result, plus machine and versions.
 
-Every JSON record has ``kind`` (``flat``, ``matrix`` or ``eager``),
+Every JSON record has ``kind`` (``flat``, ``matrix``, ``eager`` or ``narrow``),
 ``machine`` and ``versions``; :func:`markdown` prints any of them as README
 tables headed by the machine and the versions behind them.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 import flat
 import jax
 import matrix
+import narrow
 
 OURS = "bce_jax"
 FLAT = matrix.FLAT
@@ -224,6 +225,8 @@ def markdown(record: dict) -> str:
     body = matrix_markdown(record)
   elif kind == "eager":
     body = f"Measured {header(record)}.\n\n" + eager_table(record["eager"])
+  elif kind == "narrow":
+    body = f"Measured {header(record)}.\n\n" + narrow.markdown(record["narrow"])
   else:
     body = f"Measured {header(record)}.\n\n" + flat.markdown(record)
   if record.get("targets"):

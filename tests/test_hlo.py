@@ -226,8 +226,11 @@ class Report:
     return "\n  ".join([*lines, *self.reductions])
 
 
-def inspect_hlo(text: str, rows: int = 1) -> Report:
-  """Reads the fast path of an optimized HLO module (`rows`: the per-sample count M)."""
+def inspect_hlo(text: str, rows: int = 1, n: int = N) -> Report:
+  """Reads the fast path of an optimized HLO module.
+
+  `rows` is the per-sample count M; `n` the elements of an input (full size).
+  """
   computations, entry = parse_hlo(text)
   assert entry, "no ENTRY computation found in the HLO text"
 
@@ -259,7 +262,7 @@ def inspect_hlo(text: str, rows: int = 1) -> Report:
 
   def recomputes(branches) -> bool:
     comps = set().union(*(reachable(b) for b in branches))
-    return any(n == N for c in comps for i in computations[c] for _, n in _sizes(i.type))
+    return any(k == n for c in comps for i in computations[c] for _, k in _sizes(i.type))
 
   # The fast path: everything reachable from the entry without entering a
   # safe branch. Fusion bodies and reducers inline into their caller.
@@ -304,7 +307,7 @@ def inspect_hlo(text: str, rows: int = 1) -> Report:
     else:
       outputs.add(instr.name)
 
-  counts = {N: "full", rows: "row"} if 1 < rows < N else {N: "full"}
+  counts = {n: "full", rows: "row"} if 1 < rows < n else {n: "full"}
   writes = {"full": [], "row": []}
   details = []
   for comp in sorted(materialized):
@@ -343,7 +346,7 @@ def inspect_hlo(text: str, rows: int = 1) -> Report:
     types = {i.name: i.type for i in computations[comp]}
     for instr in computations[comp]:
       operand = types.get(instr.operands[0], "") if instr.operands else ""
-      if instr.op == "reduce" and any(n == N for _, n in _sizes(operand)):
+      if instr.op == "reduce" and any(k == n for _, k in _sizes(operand)):
         dims = re.search(r"dimensions=\{[\d,]*\}", instr.line)
         reductions.append(f"{operand.split('{')[0]} {dims.group(0) if dims else ''}")
 
@@ -368,7 +371,7 @@ def inspect_hlo(text: str, rows: int = 1) -> Report:
 _COMPILED: dict[str, str] = {}
 
 
-def inspect(fn, *args, rows: int = 1) -> Report:
+def inspect(fn, *args, rows: int = 1, n: int = N) -> Report:
   """Compiles `fn(*args)` with jit (args may be ShapeDtypeStructs) and inspects it.
 
   Programs that lower to the same StableHLO (``reduction="none"`` and
@@ -378,7 +381,7 @@ def inspect(fn, *args, rows: int = 1) -> Report:
   key = lowered.as_text()
   if key not in _COMPILED:
     _COMPILED[key] = lowered.compile().as_text()
-  return inspect_hlo(_COMPILED[key], rows)
+  return inspect_hlo(_COMPILED[key], rows, n)
 
 
 # --------------------------------------------------------------------------
@@ -582,6 +585,59 @@ _BASELINES = [
       transcendentals=("output: exponential", "temporary: exponential log-plus-one"),
     ),
   ),
+  # Weighted and masked bfloat16 rows of 8 reduce transposed inputs
+  # (_kernel._weighted_columns): XLA writes them as two f32[8, M] copies,
+  # which costs less than the blocks' narrow loop (NarrowRowsTest).
+  # transpose_copy_fusion.3 = fusion f32[8,131072]{1,0}
+  # transpose_copy_fusion.4 = fusion f32[8,131072]{1,0}
+  (
+    ("weighted",),
+    ("rows8", "rank3"),
+    ("bfloat16",),
+    ("forward",),
+    Summary(
+      conditionals=1,
+      full_size_writes=("f32 temporary", "f32 temporary"),
+      row_size_writes=(),
+      transcendentals=("reduction: exponential log-plus-one",),
+    ),
+  ),
+  (
+    ("weighted",),
+    ("rows8", "rank3"),
+    ("bfloat16",),
+    ("value_and_grad",),
+    Summary(
+      conditionals=1,
+      full_size_writes=("bf16 output", "f32 temporary", "f32 temporary"),
+      row_size_writes=(),
+      transcendentals=("output: exponential", "reduction: exponential log-plus-one"),
+    ),
+  ),
+  (
+    ("masked",),
+    ("rows8", "rank3"),
+    ("bfloat16",),
+    ("forward",),
+    Summary(
+      conditionals=1,
+      full_size_writes=("f32 temporary", "f32 temporary"),
+      row_size_writes=("f32 temporary",),
+      transcendentals=("reduction: exponential log-plus-one",),
+    ),
+  ),
+  (
+    ("masked",),
+    ("rows8", "rank3"),
+    ("bfloat16",),
+    ("value_and_grad",),
+    Summary(
+      conditionals=1,
+      full_size_writes=("bf16 output", "f32 temporary", "f32 temporary"),
+      row_size_writes=("f32 temporary",),
+      transcendentals=("output: exponential", "reduction: exponential log-plus-one"),
+    ),
+  ),
   # wrapped_convert = fusion f32[131072]{0}
   (
     ("masked",),
@@ -727,6 +783,48 @@ class FastPathTest(parameterized.TestCase):
     report = cell_report(path, "column", dtype, mode)
     for reduction in report.reductions:
       self.assertRegex(reduction, rf"^f32\[{N}\] ", msg=f"\n{report}")
+
+
+# Narrow rows of the widths the matrix leaves out (it has rows of 8). A
+# weighted or masked total reduces the transposed inputs (`[L, M]`, which XLA
+# writes as two float32 copies) below `_kernel._columns_below` elements a row,
+# and `[M/k, k, L]` blocks of rows from there, which write nothing.
+NARROW_WIDTHS = (2, 3, 5, 12, 16)
+
+
+def _columns(width: int, dtype: str) -> bool:
+  return width < (8 if dtype == "float32" else 16)
+
+
+@functools.cache
+def narrow_report(path: str, width: int, dtype: str, mode: str) -> Report:
+  """The inspected fast path of a weighted or masked `[M, width]` total."""
+  rows = N // width
+  loss, args = _cell_fn(path, (rows, width), dtype)
+  fn = loss if mode == "forward" else jax.value_and_grad(loss)
+  return inspect(fn, *args, rows=rows, n=rows * width)
+
+
+@absltest.skipUnless(_APPLIES, _SKIP_REASON)
+class NarrowRowsTest(parameterized.TestCase):
+  @parameterized.product(width=NARROW_WIDTHS, dtype=DTYPES, path=("weighted", "masked"), mode=MODES)
+  def test_layout(self, width, dtype, path, mode):
+    report = narrow_report(path, width, dtype, mode)
+    rows = N // width
+    writes = [f"{_SHORT[dtype]} output"] if mode == "value_and_grad" else []
+    if _columns(width, dtype):
+      writes += ["f32 temporary"] * 2
+      reduced = rf"f32\[{width},{rows}\] dimensions=\{{0,1\}}"
+    else:
+      group = max(d for d in range(1, 128 // width + 1) if rows % d == 0)
+      reduced = rf"f32\[{rows // group},{group},{width}\] dimensions=\{{0,1,2\}}"
+    want = ideal(path, "rows8", dtype, mode)
+    self.assertEqual(report.summary.conditionals, want.conditionals, msg=f"\n{report}")
+    self.assertEqual(report.summary.full_size_writes, tuple(sorted(writes)), msg=f"\n{report}")
+    self.assertEqual(report.summary.transcendentals, want.transcendentals, msg=f"\n{report}")
+    # One reduction of the inputs' size on the fast path: the value's.
+    self.assertLen(report.reductions, 1, msg=f"\n{report}")
+    self.assertRegex(report.reductions[0], f"^{reduced}$", msg=f"\n{report}")
 
 
 def print_baselines() -> None:
