@@ -190,7 +190,7 @@ def _parser() -> argparse.ArgumentParser:
   add("--matrix", action="store_true", help="the shape matrix (default N = 1e7)")
   add("--eager", action="store_true", help="the eager-call table")
   add("--narrow", action="store_true", help="rows of 2-16 elements against flat [N] (N = 2e6)")
-  add("--widths", type=int, nargs="+", help="narrow: the row widths (default 2 3 4 5 8 12 16)")
+  add("--widths", type=int, nargs="+", help="narrow: the row widths (default 2 3 4 5 6 8 12 16)")
   add(
     "--check-targets",
     action="store_true",

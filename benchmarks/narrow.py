@@ -7,7 +7,11 @@ interleaved in one :func:`timing.time_interleaved` (a slow phase of a shared
 machine hits them all alike). The figure is bce_jax's time per element on
 the rows over its time per element on ``[N]`` for the same path, mode and
 dtype (``[N]`` is one sample in Keras's convention: its weight and mask are
-scalars). Widths that do not divide N use the largest multiple below it.
+scalars). The rows of each width are ``N // L`` rounded down to a multiple
+of 8, as batch sizes are: XLA:CPU's elementwise gradient pass runs about
+3x slower over an odd number of rows, at any width (``[250001, 8]``
+against ``[250000, 8]``), which would otherwise show up as a width's cost
+(N = 2e6 gives 333,333 rows of 6).
 Only bce_jax is timed: the peers are in the matrix (``--matrix``).
 """
 
@@ -17,7 +21,7 @@ import matrix
 import peers
 import timing
 
-WIDTHS = (2, 3, 4, 5, 8, 12, 16)
+WIDTHS = (2, 3, 4, 5, 6, 8, 12, 16)
 PATHS = ("mean", "weight", "mask")
 
 
@@ -35,7 +39,7 @@ def run(n: int, widths, dtypes, paths, modes, repeats: int, on_row=print) -> lis
   """Times every (dtype, path, mode) group; returns one row per width.
 
   Args:
-    n: elements of the flat array (rows hold ``n // L * L``).
+    n: elements of the flat array (rows hold ``n // L // 8 * 8 * L``).
     widths: the row widths L.
     dtypes, paths, modes: what to time.
     repeats: interleaved samples per call; figures are medians.
@@ -49,7 +53,7 @@ def run(n: int, widths, dtypes, paths, modes, repeats: int, on_row=print) -> lis
   for dtype in dtypes:
     data = {0: matrix.make_inputs((n,), dtype)}
     for width in widths:
-      data[width] = matrix.make_inputs((n // width, width), dtype)
+      data[width] = matrix.make_inputs((n // width // 8 * 8, width), dtype)
     for path in paths:
       for mode in modes:
         calls = {
