@@ -21,7 +21,6 @@ once its total passes 2**24 times the increment's ulp.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import ClassVar
 
 import jax
@@ -90,22 +89,21 @@ class Metric(Config):
       The new state. An empty batch adds nothing.
     """
     tag = _tag(self)
-    eager = None
     if _state.eager_state(state, tag, _eager.CONCRETE):
-      # The state's leaves are checked where the inputs are: as the call is traced.
+      # The state's array is checked where the inputs are: as the call is traced.
+      # The tag names the configuration: it keys the eager callable (a str hashes once).
       checked = (_checked_update, tag)
-      eager = _eager.eager(self, self.call_config, checked, y_true, y_pred, sample_weight, mask)
-    if eager is not None:
-      arrays = (y_true, y_pred, eager.pos_weight, sample_weight, mask)
-      sums = eager.call(state.sums, *arrays)
-    else:
-      state = _state.check_state(state, tag)
-      formula, label_smoothing, pos_weight, axis, elementwise = self.call_config()
-      layout, arrays = _reduce.prepare_call(
-        y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask, elementwise
-      )
-      _eager.note_concrete(y_true, y_pred, sample_weight, mask)
-      sums = _update(formula, layout, state.sums, *arrays)
+      eager = _eager.eager(tag, self.call_config, checked, y_true, y_pred, sample_weight, mask)
+      if eager is not None:
+        sums = eager.call(state.sums, y_true, y_pred, eager.pos_weight, sample_weight, mask)
+        return _state.from_sums(sums, tag)
+    state = _state.check_state(state, tag)
+    formula, label_smoothing, pos_weight, axis, elementwise = self.call_config()
+    layout, arrays = _reduce.prepare_call(
+      y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask, elementwise
+    )
+    _eager.note_concrete(y_true, y_pred, sample_weight, mask)
+    sums = _update(formula, layout, state.sums, *arrays)
     return _state.from_sums(sums, tag)
 
   def merge(self, state: MetricState, *others: MetricState) -> MetricState:
@@ -245,16 +243,23 @@ class BinaryFocalCrossentropyMetric(Metric):
   _ELEMENTWISE: ClassVar[str] = _focal.ELEMENTWISE
 
 
-@functools.lru_cache(maxsize=256)
 def _tag(metric: Config) -> str:
   """What a state records of the metric that made it: its class and configuration.
 
   The name is left out: it labels a metric in logs and does not change what
-  it measures.
+  it measures. Equal configurations give equal tags, so the tag also keys a
+  metric's eager callables. It is kept on the (frozen) metric once made: an
+  eager update reads it without hashing the metric. It is not a field, so
+  equality, hashing and configs ignore it; a copy or pickle carries the same
+  string.
   """
-  fields = dataclasses.fields(metric)  # type: ignore[arg-type]
-  config = ", ".join(f"{f.name}={getattr(metric, f.name)!r}" for f in fields if f.name != "name")
-  return f"{type(metric).__name__}({config})"
+  tag = metric.__dict__.get("_state_tag")
+  if tag is None:
+    fields = dataclasses.fields(metric)  # type: ignore[arg-type]
+    config = ", ".join(f"{f.name}={getattr(metric, f.name)!r}" for f in fields if f.name != "name")
+    tag = f"{type(metric).__name__}({config})"
+    object.__setattr__(metric, "_state_tag", tag)
+  return tag
 
 
 def _init(tag: str | None) -> MetricState:

@@ -364,6 +364,22 @@ class MetricEagerTest(parameterized.TestCase):
       with self.assertRaisesRegex(ValueError, "`y_true` and `y_pred` must have the same shape"):
         metric.update(state, y[:, :3], x)
 
+  def test_a_used_metric_equals_a_fresh_one(self):
+    # Eager calls keep the state's tag on the metric object: not a field.
+    metric, state, _ = self._states()
+    fresh = bce_jax.BinaryFocalCrossentropyMetric(from_logits=True)
+    self.assertEqual(metric, fresh)
+    self.assertEqual(hash(metric), hash(fresh))
+    self.assertEqual(metric.get_config(), fresh.get_config())
+    self.assertEqual(repr(metric), repr(fresh))
+    self.assertEqual(dataclasses.asdict(metric), dataclasses.asdict(fresh))
+    copied = pickle.loads(pickle.dumps(metric))
+    self.assertEqual(copied, fresh)
+    chex.assert_trees_all_equal(copied.merge(state, state), fresh.merge(state, state))
+    renamed = dataclasses.replace(metric, gamma=3.0)
+    with self.assertRaisesRegex(ValueError, "was made by"):
+      renamed.result(state)
+
   def test_a_state_of_another_configuration_is_refused_after_updates(self):
     _, state, (y, x, _, _) = self._states()
     other = bce_jax.BinaryFocalCrossentropyMetric(from_logits=True, gamma=3.0)
