@@ -63,7 +63,7 @@ class Metric(Config):
     raise NotImplementedError
 
   def init(self) -> MetricState:
-    """An empty state; its result is 0.0. No two leaves share a buffer (donatable)."""
+    """An empty state; its result is 0.0. Its one array is fresh (donatable)."""
     return _init(_tag(self))
 
   def update(
