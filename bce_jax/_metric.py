@@ -91,9 +91,11 @@ class Metric(Config):
     tag = _tag(self)
     if _state.eager_state(state, tag, _eager.CONCRETE):
       # The state's array is checked where the inputs are: as the call is traced.
-      # The tag names the configuration: it keys the eager callable (a str hashes once).
+      # The class and the tag (its configuration) key the eager callable: a str
+      # hashes once, the metric's fields would be hashed on every call.
       checked = (_checked_update, tag)
-      eager = _eager.eager(tag, self.call_config, checked, y_true, y_pred, sample_weight, mask)
+      head = (type(self), tag)
+      eager = _eager.eager(head, self.call_config, checked, y_true, y_pred, sample_weight, mask)
       if eager is not None:
         sums = eager.call(state.sums, y_true, y_pred, eager.pos_weight, sample_weight, mask)
         return _state.from_sums(sums, tag)
@@ -247,11 +249,11 @@ def _tag(metric: Config) -> str:
   """What a state records of the metric that made it: its class and configuration.
 
   The name is left out: it labels a metric in logs and does not change what
-  it measures. Equal configurations give equal tags, so the tag also keys a
-  metric's eager callables. It is kept on the (frozen) metric once made: an
-  eager update reads it without hashing the metric. It is not a field, so
-  equality, hashing and configs ignore it; a copy or pickle carries the same
-  string.
+  it measures. Equal configurations of a class give equal tags, so with the
+  class the tag also keys a metric's eager callables. It is kept on the
+  (frozen) metric once made: an eager update reads it without hashing the
+  metric. It is not a field, so equality, hashing and configs ignore it; a
+  copy or pickle carries the same string.
   """
   tag = metric.__dict__.get("_state_tag")
   if tag is None:

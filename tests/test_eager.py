@@ -380,6 +380,25 @@ class MetricEagerTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "was made by"):
       renamed.result(state)
 
+  def test_a_subclass_of_the_same_name_gets_its_own_eager_callable(self):
+    # Its states carry the same tag; its calls must still run its own formula.
+    focal = bce_jax.BinaryFocalCrossentropyMetric(from_logits=True)
+
+    @jax.tree_util.register_static
+    @dataclasses.dataclass(frozen=True)
+    class BinaryCrossentropyMetric(bce_jax.BinaryCrossentropyMetric):
+      def formula(self):
+        return focal.formula()
+
+    y, x, _, _ = _weighted_case(9, (6, 4), jnp.float32)
+    parent = bce_jax.BinaryCrossentropyMetric(from_logits=True)
+    child = BinaryCrossentropyMetric(from_logits=True)
+    for _ in range(2):
+      bce_state = parent.update(parent.init(), y, x)
+      child_state = child.update(child.init(), y, x)
+    chex.assert_trees_all_equal(child_state.sums, focal.update(focal.init(), y, x).sums)
+    self.assertGreater(float(bce_state.total), float(child_state.total))
+
   def test_a_state_of_another_configuration_is_refused_after_updates(self):
     _, state, (y, x, _, _) = self._states()
     other = bce_jax.BinaryFocalCrossentropyMetric(from_logits=True, gamma=3.0)
