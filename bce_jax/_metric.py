@@ -11,7 +11,8 @@ Synopsis::
   state = metric.reduce(stacked_states)         # states stacked on axis 0
 
 The state holds the weighted sum of per-sample losses and the total weight
-(the "count"), each as an unevaluated float32 sum ``hi + lo``: every addition
+(the "count"), each as an unevaluated float32 sum ``hi + lo``, packed in one
+float32 array ``(total, total_err, count, count_err)``: every addition
 keeps its rounding error in ``lo`` (Neumaier's two-sum), so the result stays
 accurate over billions of samples where a plain float32 accumulator stalls
 once its total passes 2**24 times the increment's ulp.
@@ -20,7 +21,6 @@ once its total passes 2**24 times the increment's ulp.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import ClassVar
 
 import jax
@@ -63,7 +63,7 @@ class Metric(Config):
     raise NotImplementedError
 
   def init(self) -> MetricState:
-    """An empty state; its result is 0.0. No two leaves share a buffer (donatable)."""
+    """An empty state; its result is 0.0. Its one array is fresh (donatable)."""
     return _init(_tag(self))
 
   def update(
@@ -89,23 +89,24 @@ class Metric(Config):
       The new state. An empty batch adds nothing.
     """
     tag = _tag(self)
-    eager = None
     if _state.eager_state(state, tag, _eager.CONCRETE):
-      # The state's leaves are checked where the inputs are: as the call is traced.
+      # The state's array is checked where the inputs are: as the call is traced.
+      # The class and the tag (its configuration) key the eager callable: a str
+      # hashes once, the metric's fields would be hashed on every call.
       checked = (_checked_update, tag)
-      eager = _eager.eager(self, self.call_config, checked, y_true, y_pred, sample_weight, mask)
-    if eager is not None:
-      arrays = (y_true, y_pred, eager.pos_weight, sample_weight, mask)
-      leaves = eager.call(*_state.leaves(state), *arrays)
-    else:
-      state = _state.check_state(state, tag)
-      formula, label_smoothing, pos_weight, axis, elementwise = self.call_config()
-      layout, arrays = _reduce.prepare_call(
-        y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask, elementwise
-      )
-      _eager.note_concrete(y_true, y_pred, sample_weight, mask)
-      leaves = _update(formula, layout, *_state.leaves(state), *arrays)
-    return _state.from_leaves(leaves, tag)
+      head = (type(self), tag)
+      eager = _eager.eager(head, self.call_config, checked, y_true, y_pred, sample_weight, mask)
+      if eager is not None:
+        sums = eager.call(state.sums, y_true, y_pred, eager.pos_weight, sample_weight, mask)
+        return _state.from_sums(sums, tag)
+    state = _state.check_state(state, tag)
+    formula, label_smoothing, pos_weight, axis, elementwise = self.call_config()
+    layout, arrays = _reduce.prepare_call(
+      y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask, elementwise
+    )
+    _eager.note_concrete(y_true, y_pred, sample_weight, mask)
+    sums = _update(formula, layout, state.sums, *arrays)
+    return _state.from_sums(sums, tag)
 
   def merge(self, state: MetricState, *others: MetricState) -> MetricState:
     """Combines states, as if one state had seen all their batches.
@@ -125,8 +126,8 @@ class Metric(Config):
       and _state.eager_state(state, tag, concrete)
       and all(_state.eager_state(o, tag, concrete) for o in others)
     ):
-      leaves = [leaf for s in (state, *others) for leaf in _state.leaves(s)]
-      return _state.from_leaves(_eager.bound(_checked_merge, tag)(*leaves), tag)
+      sums = _eager.bound(_checked_merge, tag)(state.sums, *(o.sums for o in others))
+      return _state.from_sums(sums, tag)
     merged = _state.check_state(state, tag)
     if not others:
       raise TypeError("merge() needs at least one state besides `state`.")
@@ -137,7 +138,7 @@ class Metric(Config):
     """Folds states stacked on a leading axis into one, as a loop of merges would.
 
     Args:
-      states: a MetricState whose fields are `[K]` arrays, K >= 1: the output
+      states: a MetricState whose `sums` is a `[K, 4]` array, K >= 1: the output
         of ``vmap``, of a ``scan`` that keeps per-step states, or of an
         all-gather across devices.
 
@@ -145,7 +146,7 @@ class Metric(Config):
       One state, equal to ``merge(states[0], ..., states[K-1])``.
     """
     states = _state.check_state(states, _tag(self), "states", stacked=True)
-    if states.total.shape[0] == 0:
+    if states.sums.shape[0] == 0:
       raise ValueError("reduce() needs at least one stacked state; got K = 0.")
     return _reduce_stacked(states)
 
@@ -153,7 +154,7 @@ class Metric(Config):
     """The weighted mean loss so far: a float32 scalar, 0.0 for an empty state."""
     tag = _tag(self)
     if _state.eager_state(state, tag, _eager.CONCRETE):
-      return _eager.bound(_checked_result, tag)(*_state.leaves(state))
+      return _eager.bound(_checked_result, tag)(state.sums)
     return _result(_state.check_state(state, tag))
 
 
@@ -244,76 +245,83 @@ class BinaryFocalCrossentropyMetric(Metric):
   _ELEMENTWISE: ClassVar[str] = _focal.ELEMENTWISE
 
 
-@functools.lru_cache(maxsize=256)
 def _tag(metric: Config) -> str:
   """What a state records of the metric that made it: its class and configuration.
 
   The name is left out: it labels a metric in logs and does not change what
-  it measures.
+  it measures. Equal configurations of a class give equal tags, so with the
+  class the tag also keys a metric's eager callables. It is kept on the
+  (frozen) metric once made: an eager update reads it without hashing the
+  metric. It is not a field, so equality, hashing and configs ignore it; a
+  copy or pickle carries the same string.
   """
-  fields = dataclasses.fields(metric)  # type: ignore[arg-type]
-  config = ", ".join(f"{f.name}={getattr(metric, f.name)!r}" for f in fields if f.name != "name")
-  return f"{type(metric).__name__}({config})"
+  tag = metric.__dict__.get("_state_tag")
+  if tag is None:
+    fields = dataclasses.fields(metric)  # type: ignore[arg-type]
+    config = ", ".join(f"{f.name}={getattr(metric, f.name)!r}" for f in fields if f.name != "name")
+    tag = f"{type(metric).__name__}({config})"
+    object.__setattr__(metric, "_state_tag", tag)
+  return tag
 
 
 def _init(tag: str | None) -> MetricState:
-  return MetricState(*(jnp.zeros((), _state.STATE_DTYPE) for _ in range(4)), metric=tag)
+  return MetricState(jnp.zeros((len(_state.SUMS),), _state.STATE_DTYPE), metric=tag)
 
 
-def _accumulate(state: MetricState, total: jax.Array, count: jax.Array) -> MetricState:
-  total, total_err = _add(state.total, state.total_err, *_split(total))
-  count, count_err = _add(state.count, state.count_err, *_split(count))
-  return MetricState(total, total_err, count, count_err, metric=state.metric)
+def _packed(total, total_err, count, count_err) -> jax.Array:
+  """The four sums as one `sums` array, on a new last axis."""
+  return jnp.stack([total, total_err, count, count_err], axis=-1)
 
 
-def _update_value(formula, layout, total, total_err, count, count_err, *arrays):
-  # The state's four arrays in and out, not the pytree: an eager call
+def _update_value(formula, layout, sums, *arrays):
+  # The state's one array in and out, not the pytree: an eager call
   # dispatches faster with plain arguments.
-  state = MetricState(total, total_err, count, count_err)
   batch_total, batch_count = _reduce.batch_sums(formula, layout, *arrays)
-  state = _accumulate(state, batch_total, batch_count)
-  return state.total, state.total_err, state.count, state.count_err
+  total, total_err = _add(sums[..., 0], sums[..., 1], *_split(batch_total))
+  count, count_err = _add(sums[..., 2], sums[..., 3], *_split(batch_count))
+  return _packed(total, total_err, count, count_err)
 
 
 _update = jax.jit(_update_value, static_argnums=(0, 1))
 
 
-def _checked_update(formula, label_smoothing, axis, axis_types, elementwise, tag, *args):
+def _checked_update(formula, label_smoothing, axis, axis_types, elementwise, tag, sums, *arrays):
   # An eager update, checked as it is traced (see bce_jax._eager): the
   # state first, then the inputs, as a traced update checks them.
   del axis_types
-  leaves, arrays = args[:4], args[4:]
-  _state.check_state(MetricState(*leaves, metric=tag), tag)
+  _state.check_state(MetricState(sums, metric=tag), tag)
   layout, arrays = _reduce.checked_call(label_smoothing, axis, elementwise, *arrays)
-  return _update_value(formula, layout, *leaves, *arrays)
+  return _update_value(formula, layout, sums, *arrays)
 
 
-def _merge_two(a: MetricState, b: MetricState) -> MetricState:
-  total, total_err = _add(a.total, a.total_err, b.total, b.total_err)
-  count, count_err = _add(a.count, a.count_err, b.count, b.count_err)
-  return MetricState(total, total_err, count, count_err, metric=a.metric)
+def _merge_sums(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Two states' `sums` (any equal leading axes) added as double-float sums."""
+  total, total_err = _add(a[..., 0], a[..., 1], b[..., 0], b[..., 1])
+  count, count_err = _add(a[..., 2], a[..., 3], b[..., 2], b[..., 3])
+  return _packed(total, total_err, count, count_err)
 
 
 @jax.jit
 def _merge(state: MetricState, others: tuple[MetricState, ...]) -> MetricState:
+  sums = state.sums
   for other in others:
-    state = _merge_two(state, other)
-  return state
+    sums = _merge_sums(sums, other.sums)
+  return MetricState(sums, metric=state.metric)
 
 
-def _checked_merge(tag: str, *leaves) -> tuple[jax.Array, ...]:
-  # An eager merge of concrete states: their leaves are checked as it is traced.
-  states = [MetricState(*leaves[i : i + 4], metric=tag) for i in range(0, len(leaves), 4)]
+def _checked_merge(tag: str, *sums) -> jax.Array:
+  # An eager merge of concrete states: their arrays are checked as it is traced.
+  states = [MetricState(s, metric=tag) for s in sums]
   state = _state.check_state(states[0], tag)
   others = tuple(_state.check_state(o, tag, f"others[{i}]") for i, o in enumerate(states[1:]))
-  return _state.leaves(_merge(state, others))
+  return _merge(state, others).sums
 
 
 def _unsharded(leaf: jax.Array) -> jax.Array:
   """`leaf` replicated if its type says it is sharded (explicit mesh axes).
 
   A scan over a stack sharded on its leading axis is refused; the stack is
-  K scalars per field, so gathering it costs nothing.
+  K states of four float32 sums, so gathering it costs nothing.
   """
   sharding = getattr(jax.typeof(leaf), "sharding", None)
   if not isinstance(sharding, jax.sharding.NamedSharding):
@@ -327,18 +335,21 @@ def _unsharded(leaf: jax.Array) -> jax.Array:
 @jax.jit
 def _reduce_stacked(states: MetricState) -> MetricState:
   # From an empty state, merge by merge: merging into zeros is exact.
-  states = jax.tree_util.tree_map(_unsharded, states)
-  return jax.lax.scan(lambda acc, s: (_merge_two(acc, s), None), _init(states.metric), states)[0]
+  stacked = _unsharded(states.sums)
+  init = _init(states.metric).sums
+  sums = jax.lax.scan(lambda acc, s: (_merge_sums(acc, s), None), init, stacked)[0]
+  return MetricState(sums, metric=states.metric)
 
 
-def _checked_result(tag: str, *leaves) -> jax.Array:
-  # An eager result of a concrete state: its leaves are checked as it is traced.
-  return _result(_state.check_state(MetricState(*leaves, metric=tag), tag))
+def _checked_result(tag: str, sums) -> jax.Array:
+  # An eager result of a concrete state: its array is checked as it is traced.
+  return _result(_state.check_state(MetricState(sums, metric=tag), tag))
 
 
 @jax.jit
 def _result(state: MetricState) -> jax.Array:
-  total = state.total + state.total_err
-  count = state.count + state.count_err
+  sums = state.sums
+  total = sums[..., 0] + sums[..., 1]
+  count = sums[..., 2] + sums[..., 3]
   empty = count == 0
   return jnp.where(empty, 0.0, total / jnp.where(empty, 1.0, count))

@@ -1,10 +1,11 @@
 """`MetricState`: the metric's pytree state, its checks and its checkpoints.
 
-Four float32 scalars (two double-float sums, see :mod:`bce_jax._metric`) and
-a static string naming the metric and configuration that made them. The
-string is part of the tree structure, not a leaf, so the state stays four
-arrays for ``scan``, ``vmap``, ``psum`` and donation, while a metric can
-refuse, at trace time, a state that another metric made.
+One float32 array of four sums (two double-float sums, see
+:mod:`bce_jax._metric`) and a static string naming the metric and
+configuration that made them. The string is part of the tree structure, not
+a leaf, so the state is one array for ``scan``, ``vmap``, ``psum`` and
+donation (and an eager call returns one array), while a metric can refuse,
+at trace time, a state that another metric made.
 """
 
 from __future__ import annotations
@@ -18,45 +19,79 @@ import jax.numpy as jnp
 import numpy as np
 
 STATE_DTYPE = jnp.float32
+# The entries of `MetricState.sums`, in order.
+SUMS = ("total", "total_err", "count", "count_err")
 
 
 @dataclasses.dataclass(frozen=True)
 class MetricState:
-  """The state of a metric: four float32 scalars, and which metric made it.
+  """The state of a metric: its four float32 sums in one array, and which metric made it.
 
   Attributes:
-    total: the weighted sum of per-sample losses (leading part).
-    total_err: the rounding error of `total` (trailing part).
-    count: the sum of sample weights (the number of samples if unweighted).
-    count_err: the rounding error of `count`.
+    sums: float32 of shape ``[4]``: ``(total, total_err, count, count_err)``.
+      Under ``vmap``, and for states stacked for ``reduce``, it has leading
+      axes: ``[K, 4]``.
     metric: the metric and configuration that made the state, as a string
       (static: part of the tree structure, not a leaf). A metric refuses a
       state another metric or configuration made, also under ``jax.jit``.
 
-  A pytree of four arrays: a ``lax.scan`` carry, batched under ``vmap``,
+  The four sums are also read-only properties, views of `sums` computed on
+  access (``sums[..., i]``, so a stacked state's `total` has shape ``[K]``):
+
+  - `total`: the weighted sum of per-sample losses (leading part);
+  - `total_err`: the rounding error of `total` (trailing part);
+  - `count`: the sum of sample weights (the number of samples if unweighted);
+  - `count_err`: the rounding error of `count`.
+
+  A pytree of one array: a ``lax.scan`` carry, batched under ``vmap``,
   summed across devices with ``jax.lax.psum``, donated, pickled.
 
   Checkpointing: orbax restores it into a target from ``metric.init()``.
   Where ``flax.serialization`` is loaded when a state is made,
   ``flax.serialization.to_bytes`` / ``from_bytes`` (and ``to_state_dict`` /
   ``from_state_dict``) save it as Flax users save a train state; the state
-  dict holds the four arrays and `metric`, checked against the target's
-  when it is restored.
+  dict holds `sums` and `metric`, checked against the target's when it is
+  restored. A state dict of the earlier layout, four arrays ``total``,
+  ``total_err``, ``count`` and ``count_err``, is restored too: its arrays
+  are packed into `sums`.
+
+  Examples:
+    >>> import bce_jax, jax.numpy as jnp
+    >>> m = bce_jax.BinaryCrossentropyMetric()
+    >>> state = m.update(m.init(), jnp.array([[0.0, 1.0]]), jnp.array([[0.2, 0.9]]))
+    >>> print(state.sums.shape, f"{float(state.total):.4f}", float(state.count))
+    (4,) 0.1643 1.0
   """
 
-  total: jax.Array
-  total_err: jax.Array
-  count: jax.Array
-  count_err: jax.Array
+  sums: jax.Array
   _: dataclasses.KW_ONLY
   metric: str | None = None
 
   def __post_init__(self) -> None:
     _flax_registration()
 
+  @property
+  def total(self) -> jax.Array:
+    """The weighted sum of per-sample losses, ``sums[..., 0]`` (computed on access)."""
+    return self.sums[..., 0]
 
-DATA_FIELDS = ("total", "total_err", "count", "count_err")
-jax.tree_util.register_dataclass(MetricState, data_fields=list(DATA_FIELDS), meta_fields=["metric"])
+  @property
+  def total_err(self) -> jax.Array:
+    """The rounding error of `total`, ``sums[..., 1]`` (computed on access)."""
+    return self.sums[..., 1]
+
+  @property
+  def count(self) -> jax.Array:
+    """The sum of sample weights, ``sums[..., 2]`` (computed on access)."""
+    return self.sums[..., 2]
+
+  @property
+  def count_err(self) -> jax.Array:
+    """The rounding error of `count`, ``sums[..., 3]`` (computed on access)."""
+    return self.sums[..., 3]
+
+
+jax.tree_util.register_dataclass(MetricState, data_fields=["sums"], meta_fields=["metric"])
 
 
 def _data_fields(state: Any) -> list[str]:
@@ -71,10 +106,25 @@ def _state_dict(state: Any) -> dict[str, Any]:
   return {**out, "metric": state.metric}
 
 
+def _packed(state: dict[str, Any]) -> dict[str, Any]:
+  """A MetricState's state dict saved in the earlier layout, four arrays, with them packed
+  into `sums` (on a new last axis, so stacked states stay stacked)."""
+  parts = [np.asarray(state[name]) for name in SUMS]
+  if len({part.shape for part in parts}) != 1:
+    shapes = ", ".join(f"{name} {part.shape}" for name, part in zip(SUMS, parts))
+    raise ValueError(
+      f"A MetricState's state dict in the four-array layout needs arrays of one shape; "
+      f"got {shapes}."
+    )
+  return {"sums": np.stack(parts, axis=-1), "metric": state["metric"]}
+
+
 def _from_state_dict(target: Any, state: dict[str, Any]) -> Any:
   serialization = sys.modules["flax.serialization"]
   names = _data_fields(target)
   expected = {*names, "metric"}
+  if type(target) is MetricState and set(state) == {*SUMS, "metric"}:
+    state = _packed(state)
   if set(state) != expected:
     raise ValueError(
       f"A {type(target).__name__}'s state dict has the keys {sorted(expected)}; "
@@ -110,96 +160,58 @@ def _flax_registration(cls: type = MetricState) -> None:
     _FLAX_REGISTERED.add(cls)
 
 
-def from_leaves(leaves: Any, tag: str | None) -> MetricState:
-  """``MetricState(*leaves, metric=tag)``, without the frozen dataclass's per-field setattr.
+def from_sums(sums: Any, tag: str | None) -> MetricState:
+  """``MetricState(sums, metric=tag)``, without the frozen dataclass's per-field setattr.
 
   An eager update makes one state a call: this saves about 1 us of it.
   """
   state = object.__new__(MetricState)
   fields = state.__dict__
-  fields["total"], fields["total_err"], fields["count"], fields["count_err"] = leaves
+  fields["sums"] = sums
   fields["metric"] = tag
-  _flax_registration()
+  if MetricState not in _FLAX_REGISTERED and "flax.serialization" in sys.modules:
+    _flax_registration()
   return state
 
 
 def eager_state(state: Any, tag: str, concrete: Any) -> bool:
-  """Whether `state` is a MetricState of `tag` whose leaves are concrete arrays.
+  """Whether `state` is a MetricState of `tag` whose `sums` is a concrete array.
 
-  Such a state's leaf shapes and dtypes are checked by :func:`check_state`
-  where its arrays are used: in the trace of an eager update, once per
-  signature (a new signature is traced, so a bad leaf raises every time).
+  Such a state's shape and dtype are checked by :func:`check_state` where
+  its array is used: in the trace of an eager call, once per signature (a
+  new signature is traced, so a bad state raises every time).
   """
-  if type(state) is not MetricState or state.metric != tag:
-    return False
-  return (
-    type(state.total) in concrete
-    and type(state.total_err) in concrete
-    and type(state.count) in concrete
-    and type(state.count_err) in concrete
-  )
-
-
-def leaves(state: MetricState) -> tuple[Any, Any, Any, Any]:
-  """The four arrays of `state`, in field order."""
-  return state.total, state.total_err, state.count, state.count_err
-
-
-def _is_scalar(value: Any) -> bool:
-  return getattr(value, "shape", None) == () and getattr(value, "dtype", None) == _STATE_NP_DTYPE
+  return type(state) is MetricState and state.metric == tag and type(state.sums) in concrete
 
 
 _STATE_NP_DTYPE = np.dtype(STATE_DTYPE)
 
 
 def check_state(state: Any, tag: str, argname: str = "state", stacked: bool = False) -> MetricState:
-  """`state` if it is a MetricState of float32 scalars (of `[K]` arrays if `stacked`) made
-  by the metric whose tag is `tag`."""
-  if (
-    not stacked
-    and type(state) is MetricState
-    and state.metric == tag
-    and _is_scalar(state.total)
-    and _is_scalar(state.total_err)
-    and _is_scalar(state.count)
-    and _is_scalar(state.count_err)
-  ):
-    return state  # the common case, checked in a few attribute reads
+  """`state` if it is a MetricState of float32 sums of shape `[4]` (`[K, 4]` if `stacked`)
+  made by the metric whose tag is `tag`."""
   if not isinstance(state, MetricState):
     raise TypeError(
       f"`{argname}` must be a bce_jax.MetricState (from metric.init()); got {type(state).__name__}."
     )
-  shapes = set()
-  for name in DATA_FIELDS:
-    value = getattr(state, name)
-    shape = getattr(value, "shape", None)
-    dtype = getattr(value, "dtype", None)
-    shapes.add(shape)
-    if shape is None or dtype != STATE_DTYPE:
-      ok = False
+  sums = state.sums
+  shape = getattr(sums, "shape", None)
+  dtype = getattr(sums, "dtype", None)
+  if shape is None or dtype != _STATE_NP_DTYPE:
+    ok = False
+  else:
+    ok = len(shape) == 2 and shape[1] == len(SUMS) if stacked else shape == (len(SUMS),)
+  if not ok:
+    if stacked:
+      want = "a float32 array of shape [K, 4] (states stacked on axis 0)"
+      hint = " Stack states from init()/update(): vmap, a scan's per-step states, or tree_map(jnp.stack)."
     else:
-      ok = len(shape) == 1 if stacked else shape == ()
-    if not ok:
-      want = (
-        "a float32 array of shape [K] (states stacked on axis 0)"
-        if stacked
-        else ("a float32 scalar")
-      )
+      want = "a float32 array of shape [4] (total, total_err, count, count_err)"
       hint = (
-        ""
-        if stacked
-        else (
-          " Under vmap, map over states built by init()/update(); fold a stacked state "
-          "with reduce()."
-        )
+        " Build states with init()/update(); under vmap, map over such states, and fold a "
+        "stacked state with reduce()."
       )
-      raise ValueError(
-        f"`{argname}.{name}` must be {want}; got shape {shape} and dtype {dtype}.{hint}"
-      )
-  if len(shapes) != 1:
-    raise ValueError(
-      f"The fields of `{argname}` have different shapes: {sorted(map(str, shapes))}."
-    )
+    raise ValueError(f"`{argname}.sums` must be {want}; got shape {shape} and dtype {dtype}.{hint}")
   check_tag(state.metric, tag, argname)
   return state
 

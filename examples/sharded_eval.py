@@ -87,8 +87,8 @@ def main() -> None:
   @jax.jit
   @jax.shard_map(mesh=mesh, in_specs=(P("data"),) * 3, out_specs=P())
   def psum_state(y, x, w):
-    # The state is a pytree of four scalars; psum adds each field over the
-    # mesh, which is what merge does up to float32 rounding.
+    # The state is a pytree of one array of four sums; psum adds each sum
+    # over the mesh, which is what merge does up to float32 rounding.
     return jax.lax.psum(local_state(y, x, w), "data")
 
   @jax.jit

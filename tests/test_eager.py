@@ -133,10 +133,8 @@ class ChecksStillRunTest(parameterized.TestCase):
     state = m.update(state, y, x)
     with self.assertRaisesRegex(ValueError, "`state` was made by"):
       m.update(other.init(), y, x)
-    bad = bce_jax.MetricState(
-      state.total, state.total_err, state.count[None], state.count_err, metric=state.metric
-    )
-    with self.assertRaisesRegex(ValueError, r"`state.count` must be a float32 scalar"):
+    bad = bce_jax.MetricState(state.sums[None], metric=state.metric)
+    with self.assertRaisesRegex(ValueError, r"`state.sums` must be a float32 array of shape \[4\]"):
       m.update(bad, y, x)
 
 
@@ -321,30 +319,85 @@ class MetricEagerTest(parameterized.TestCase):
     self.assertIs(type(state), bce_jax.MetricState)
     self.assertEqual(state.metric, metric.init().metric)
     chex.assert_trees_all_equal(pickle.loads(pickle.dumps(state)), state)
-    replaced = dataclasses.replace(state, count_err=jnp.float32(0))
+    replaced = dataclasses.replace(state, sums=state.sums.at[3].set(0))
     self.assertEqual(float(replaced.count_err), 0.0)
     with self.assertRaises(dataclasses.FrozenInstanceError):
+      state.sums = jnp.zeros(4)  # type: ignore[misc]
+    with self.assertRaises(AttributeError):  # a view of `sums`, not a field
       state.total = jnp.float32(0)  # type: ignore[misc]
+
+  def test_eager_update_and_merge_return_one_array(self):
+    # One output array per call: jax's dispatch pays for each output.
+    metric, state, (y, x, w, m) = self._states()
+    for kw in ({}, {"sample_weight": w}, {"mask": m}):
+      with self.subTest(**{k: True for k in kw}):
+        updated = [metric.update(state, y, x, **kw) for _ in range(2)]  # checked, then eager
+        for out in updated:
+          self.assertLen(jax.tree_util.tree_leaves(out), 1)
+          self.assertIs(type(out.sums), type(y))
+          chex.assert_shape(out.sums, (4,))
+    for others in ((state,), (state, state)):
+      merged = [metric.merge(state, *others) for _ in range(2)]
+      for out in merged:
+        self.assertLen(jax.tree_util.tree_leaves(out), 1)
+        chex.assert_shape(out.sums, (4,))
 
   def test_malformed_states_are_refused_every_time_by_every_method(self):
     metric, state, (y, x, _, _) = self._states()
     metric.merge(state, state)
     metric.result(state)
-    bad_shape = dataclasses.replace(state, count=state.count[None])
-    bad_dtype = dataclasses.replace(state, total_err=jnp.int32(0))
+    bad_shape = dataclasses.replace(state, sums=state.sums[:3])
+    bad_dtype = dataclasses.replace(state, sums=state.sums.astype(jnp.int32))
+    shape_error = r"`{}.sums` must be a float32 array of shape \[4\].*got shape \(3,\)"
+    dtype_error = r"`{}.sums` must be a float32 array of shape \[4\].*dtype int32"
     for _ in range(2):
-      with self.assertRaisesRegex(ValueError, r"`state.count` must be a float32 scalar"):
+      with self.assertRaisesRegex(ValueError, shape_error.format("state")):
         metric.update(bad_shape, y, x)
-      with self.assertRaisesRegex(ValueError, r"`state.total_err` must be a float32 scalar"):
+      with self.assertRaisesRegex(ValueError, dtype_error.format("state")):
         metric.update(bad_dtype, y, x)
-      with self.assertRaisesRegex(ValueError, r"`others\[1\].count` must be a float32 scalar"):
+      with self.assertRaisesRegex(ValueError, shape_error.format(r"others\[1\]")):
         metric.merge(state, state, bad_shape)
-      with self.assertRaisesRegex(ValueError, r"`state.total_err` must be a float32 scalar"):
+      with self.assertRaisesRegex(ValueError, dtype_error.format("state")):
         metric.merge(bad_dtype, state)
-      with self.assertRaisesRegex(ValueError, r"`state.count` must be a float32 scalar"):
+      with self.assertRaisesRegex(ValueError, shape_error.format("state")):
         metric.result(bad_shape)
       with self.assertRaisesRegex(ValueError, "`y_true` and `y_pred` must have the same shape"):
         metric.update(state, y[:, :3], x)
+
+  def test_a_used_metric_equals_a_fresh_one(self):
+    # Eager calls keep the state's tag on the metric object: not a field.
+    metric, state, _ = self._states()
+    fresh = bce_jax.BinaryFocalCrossentropyMetric(from_logits=True)
+    self.assertEqual(metric, fresh)
+    self.assertEqual(hash(metric), hash(fresh))
+    self.assertEqual(metric.get_config(), fresh.get_config())
+    self.assertEqual(repr(metric), repr(fresh))
+    self.assertEqual(dataclasses.asdict(metric), dataclasses.asdict(fresh))
+    copied = pickle.loads(pickle.dumps(metric))
+    self.assertEqual(copied, fresh)
+    chex.assert_trees_all_equal(copied.merge(state, state), fresh.merge(state, state))
+    renamed = dataclasses.replace(metric, gamma=3.0)
+    with self.assertRaisesRegex(ValueError, "was made by"):
+      renamed.result(state)
+
+  def test_a_subclass_of_the_same_name_gets_its_own_eager_callable(self):
+    # Its states carry the same tag; its calls must still run its own formula.
+    focal = bce_jax.BinaryFocalCrossentropyMetric(from_logits=True)
+
+    @jax.tree_util.register_static
+    @dataclasses.dataclass(frozen=True)
+    class BinaryCrossentropyMetric(bce_jax.BinaryCrossentropyMetric):
+      def formula(self):
+        return focal.formula()
+
+    y, x, _, _ = _weighted_case(9, (6, 4), jnp.float32)
+    parent = bce_jax.BinaryCrossentropyMetric(from_logits=True)
+    child = BinaryCrossentropyMetric(from_logits=True)
+    for _ in range(2):
+      bce_state = parent.update(parent.init(), y, x)
+      child_state = child.update(child.init(), y, x)
+    chex.assert_trees_all_equal(child_state.sums, focal.update(focal.init(), y, x).sums)
+    self.assertGreater(float(bce_state.total), float(child_state.total))
 
   def test_a_state_of_another_configuration_is_refused_after_updates(self):
     _, state, (y, x, _, _) = self._states()

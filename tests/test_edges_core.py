@@ -216,7 +216,7 @@ class ForeignStatesTest(parameterized.TestCase):
       FOCAL_M.merge(a, FOCAL3_M.init())
 
   def test_state_built_by_hand_is_refused(self):
-    state = bce_jax.MetricState(*(jnp.zeros((), jnp.float32) for _ in range(4)))
+    state = bce_jax.MetricState(jnp.zeros(4, jnp.float32))
     with self.assertRaisesRegex(ValueError, r"`state` was made by no metric.*built by hand"):
       BCE_M.result(state)
 
@@ -230,7 +230,7 @@ class ForeignStatesTest(parameterized.TestCase):
 
   def test_tag_is_static_not_a_leaf(self):
     state = FOCAL_M.init()
-    self.assertLen(jax.tree_util.tree_leaves(state), 4)
+    self.assertLen(jax.tree_util.tree_leaves(state), 1)
     self.assertNotEqual(
       jax.tree_util.tree_structure(state), jax.tree_util.tree_structure(BCE_M.init())
     )
@@ -251,6 +251,23 @@ class ForeignStatesTest(parameterized.TestCase):
     self.assertEqual(donated.metric, state.metric)
 
 
+@dataclasses.dataclass(frozen=True)
+class _FourArrays:
+  """The MetricState layout before its sums were packed into one array."""
+
+  total: jax.Array
+  total_err: jax.Array
+  count: jax.Array
+  count_err: jax.Array
+  _: dataclasses.KW_ONLY
+  metric: str | None = None
+
+
+jax.tree_util.register_dataclass(
+  _FourArrays, data_fields=["total", "total_err", "count", "count_err"], meta_fields=["metric"]
+)
+
+
 class CheckpointTest(parameterized.TestCase):
   def _state(self):
     return FOCAL_M.update(FOCAL_M.init(), Y, X)
@@ -258,6 +275,7 @@ class CheckpointTest(parameterized.TestCase):
   def _assert_same(self, restored, state):
     self.assertIsInstance(restored, bce_jax.MetricState)
     self.assertEqual(restored.metric, state.metric)
+    np.testing.assert_array_equal(np.asarray(restored.sums), np.asarray(state.sums))
     for name in ("total", "total_err", "count", "count_err"):
       np.testing.assert_array_equal(
         np.asarray(getattr(restored, name)), np.asarray(getattr(state, name))
@@ -294,12 +312,63 @@ class CheckpointTest(parameterized.TestCase):
     self.assertEqual(restored["step"], 3)
     self._assert_same(restored["metric"], state)
     as_dict = serialization.to_state_dict(state)
-    self.assertEqual(set(as_dict), {"total", "total_err", "count", "count_err", "metric"})
+    self.assertEqual(set(as_dict), {"sums", "metric"})
     self._assert_same(serialization.from_state_dict(FOCAL_M.init(), as_dict), state)
     with self.assertRaisesRegex(ValueError, r"saved state was made by .*gamma=2\.0.*gamma=3\.0"):
       serialization.from_bytes(FOCAL3_M.init(), serialization.to_bytes(state))
     with self.assertRaisesRegex(ValueError, r"state dict has the keys"):
       serialization.from_state_dict(FOCAL_M.init(), {"total": 1.0})
+
+  def test_orbax_four_array_layout_restores_through_flax(self):
+    # The changelog's path for an orbax checkpoint saved before the sums were packed.
+    try:
+      import orbax.checkpoint as ocp
+      from flax import serialization
+    except ImportError:
+      self.skipTest("orbax and flax are not installed (they are in the examples extra)")
+    state = self._state()
+    names = ("total", "total_err", "count", "count_err")
+    old = _FourArrays(*(getattr(state, name) for name in names), metric=state.metric)
+    with tempfile.TemporaryDirectory() as tmp:
+      checkpointer = ocp.StandardCheckpointer()
+      checkpointer.save(f"{tmp}/state", old)
+      checkpointer.wait_until_finished()
+      with self.assertRaises(ValueError):  # the tree no longer matches
+        checkpointer.restore(f"{tmp}/state", FOCAL_M.init())
+      arrays = checkpointer.restore(f"{tmp}/state")
+    self.assertEqual(set(arrays), set(names))
+    tag = FOCAL_M.init().metric
+    self._assert_same(
+      serialization.from_state_dict(FOCAL_M.init(), {**arrays, "metric": tag}), state
+    )
+
+  def test_flax_restores_the_four_array_layout(self):
+    # A checkpoint saved before the sums were packed into one array.
+    try:
+      from flax import serialization
+    except ImportError:
+      self.skipTest("flax is not installed (it is in the examples extra)")
+    state = self._state()
+    names = ("total", "total_err", "count", "count_err")
+    old = {name: np.asarray(getattr(state, name)) for name in names}
+    old["metric"] = state.metric
+    self._assert_same(serialization.from_state_dict(FOCAL_M.init(), old), state)
+    saved = serialization.msgpack_serialize({"step": 3, "metric": old})
+    restored = serialization.from_bytes({"step": 0, "metric": FOCAL_M.init()}, saved)
+    self._assert_same(restored["metric"], state)
+    # States stacked for reduce(): each array [K], packed into [K, 4].
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), state, FOCAL_M.init(), state)
+    old_stacked = {name: np.asarray(getattr(stacked, name)) for name in names}
+    back = serialization.from_state_dict(stacked, {**old_stacked, "metric": state.metric})
+    np.testing.assert_array_equal(np.asarray(back.sums), np.asarray(stacked.sums))
+    self._assert_same(FOCAL_M.reduce(back), FOCAL_M.merge(state, state))
+    # The tag is checked as for the packed layout, and the arrays must agree in shape.
+    with self.assertRaisesRegex(ValueError, r"saved state was made by .*gamma=2\.0.*gamma=3\.0"):
+      serialization.from_state_dict(FOCAL3_M.init(), old)
+    with self.assertRaisesRegex(
+      ValueError, r"four-array layout.*arrays of one shape.*count \(2,\)"
+    ):
+      serialization.from_state_dict(FOCAL_M.init(), {**old, "count": np.zeros(2, np.float32)})
 
   def test_import_does_not_load_flax_and_late_flax_registers(self):
     try:

@@ -649,36 +649,81 @@ class EmptyTest(parameterized.TestCase):
     )
 
 
+class PackedSumsTest(parameterized.TestCase):
+  """The state is one float32 array ``(total, total_err, count, count_err)``; the
+  four names are read-only views of it."""
+
+  def _assert_views(self, state):
+    sums = np.asarray(state.sums)
+    for i, name in enumerate(("total", "total_err", "count", "count_err")):
+      view = getattr(state, name)
+      self.assertEqual(view.dtype, jnp.float32)
+      np.testing.assert_array_equal(np.asarray(view), sums[..., i])
+
+  def test_views_equal_the_packed_entries(self):
+    m = Metric(from_logits=True)
+    rng = np.random.default_rng(21)
+    y, x = _batch(rng, (6, 3), True)
+    state = m.update(m.init(), y, x)
+    chex.assert_shape(state.sums, (4,))
+    self.assertEqual(state.sums.dtype, jnp.float32)
+    self.assertEqual(float(state.count), 6.0)
+    np.testing.assert_allclose(_total(state), ref.elementwise(y, x, True).mean(-1).sum(), 1e-6)
+    self._assert_views(state)
+    self._assert_views(m.merge(state, state))
+    # Stacked: leading axes on `sums`, and on every view.
+    stacked = _stack([state, m.init(), state])
+    chex.assert_shape((stacked.sums, stacked.total, stacked.count_err), ((3, 4), (3,), (3,)))
+    self._assert_views(stacked)
+    # Inside jit and vmap the views are traced slices of `sums`.
+    count = jax.jit(lambda s: s.count + s.count_err)(state)
+    np.testing.assert_array_equal(np.asarray(count), np.asarray(state.sums[2] + state.sums[3]))
+    totals = jax.vmap(lambda s: s.total)(stacked)
+    np.testing.assert_array_equal(np.asarray(totals), np.asarray(stacked.sums[:, 0]))
+
+  def test_one_leaf_whatever_the_method(self):
+    m = Metric()
+    a = _update(m, m.init(), SEED_TRUE, SEED_PRED)
+    states = {
+      "init": m.init(),
+      "update": m.update(m.init(), SEED_TRUE, SEED_PRED),
+      "jit_update": a,
+      "merge": m.merge(a, a),
+      "reduce": m.reduce(_stack([a, a])),
+    }
+    for name, state in states.items():
+      with self.subTest(name):
+        leaves = jax.tree_util.tree_leaves(state)
+        self.assertLen(leaves, 1)
+        self.assertIs(leaves[0], state.sums)
+        chex.assert_shape(state.sums, (4,))
+
+  def test_views_are_read_only(self):
+    state = Metric().init()
+    for name in ("total", "total_err", "count", "count_err"):
+      with self.assertRaises(AttributeError):
+        setattr(state, name, jnp.float32(1))
+    with self.assertRaises(TypeError):  # no longer fields: build a state from `sums`
+      bce_jax.MetricState(*(jnp.float32(0) for _ in range(4)))  # type: ignore[misc]
+
+
 @dataclasses.dataclass(frozen=True)
 class _LookAlike:
-  total: jax.Array
-  total_err: jax.Array
-  count: jax.Array
-  count_err: jax.Array
+  sums: jax.Array
 
 
 jax.tree_util.register_dataclass(_LookAlike)
 
 
-def _state(**fields):
-  base = {
-    "total": jnp.float32(1),
-    "total_err": jnp.float32(0),
-    "count": jnp.float32(2),
-    "count_err": jnp.float32(0),
-  }
-  return bce_jax.MetricState(**{**base, **fields}, metric=Metric().init().metric)
+def _state(sums):
+  """A hand-built state of this metric holding `sums`."""
+  return bce_jax.MetricState(sums, metric=Metric().init().metric)
 
 
 _BAD_STATES = {
   # kind: (state, error, message pattern with {arg} for the argument's name)
   "dict": (
-    {
-      "total": jnp.float32(1),
-      "total_err": jnp.float32(0),
-      "count": jnp.float32(2),
-      "count_err": jnp.float32(0),
-    },
+    {"sums": jnp.array([1.0, 0.0, 2.0, 0.0], jnp.float32)},
     TypeError,
     r"`{arg}` must be a bce_jax.MetricState.*dict",
   ),
@@ -688,24 +733,34 @@ _BAD_STATES = {
     r"`{arg}` must be a bce_jax.MetricState.*tuple",
   ),
   "other_dataclass": (
-    _LookAlike(jnp.float32(1), jnp.float32(0), jnp.float32(2), jnp.float32(0)),
+    _LookAlike(jnp.array([1.0, 0.0, 2.0, 0.0], jnp.float32)),
     TypeError,
     r"`{arg}` must be a bce_jax.MetricState.*_LookAlike",
   ),
-  "vector_field": (
-    _state(total=jnp.zeros(3)),
+  "three_sums": (
+    _state(jnp.zeros(3)),
     ValueError,
-    r"`{arg}\.total` must be a float32 scalar.*shape \(3,\)",
+    r"`{arg}\.sums` must be a float32 array of shape \[4\].*got shape \(3,\)",
   ),
-  "int_field": (
-    _state(count=jnp.int32(2)),
+  "scalar_sums": (
+    _state(jnp.float32(0)),
     ValueError,
-    r"`{arg}\.count` must be a float32 scalar.*int32",
+    r"`{arg}\.sums` must be a float32 array of shape \[4\].*got shape \(\)",
   ),
-  "float16_field": (
-    _state(count_err=jnp.float16(0)),
+  "stacked_sums": (
+    _state(jnp.zeros((2, 4))),
     ValueError,
-    r"`{arg}\.count_err` must be a float32 scalar.*float16",
+    r"`{arg}\.sums` must be a float32 array of shape \[4\].*got shape \(2, 4\).*reduce\(\)",
+  ),
+  "int_sums": (
+    _state(jnp.zeros(4, jnp.int32)),
+    ValueError,
+    r"`{arg}\.sums` must be a float32 array of shape \[4\].*int32",
+  ),
+  "float16_sums": (
+    _state(jnp.zeros(4, jnp.float16)),
+    ValueError,
+    r"`{arg}\.sums` must be a float32 array of shape \[4\].*float16",
   ),
 }
 
@@ -751,10 +806,12 @@ class StateStructureTest(parameterized.TestCase):
     with self.assertRaisesRegex(error, _pattern(template, "others[1]")):
       merge(m.init(), m.init(), bad)
 
-  def test_python_float_fields_rejected_eagerly(self):
+  def test_python_sums_rejected_eagerly(self):
     m = Metric()
-    with self.assertRaisesRegex(ValueError, r"`state\.total` must be a float32 scalar"):
-      m.result(bce_jax.MetricState(1.0, 0.0, 2.0, 0.0))
+    tag = m.init().metric
+    for sums in (1.0, [1.0, 0.0, 2.0, 0.0]):
+      with self.assertRaisesRegex(ValueError, r"`state\.sums` must be a float32 array.*None"):
+        m.result(bce_jax.MetricState(sums, metric=tag))  # type: ignore[arg-type]
 
   def test_merge_needs_two_states(self):
     m = Metric()
@@ -762,34 +819,33 @@ class StateStructureTest(parameterized.TestCase):
       m.merge(m.init())
 
 
-def _stacked_state(*shapes, dtype=jnp.float32):
-  """A MetricState whose fields have the given shapes (one shape: all four)."""
-  shapes = shapes * 4 if len(shapes) == 1 else shapes
-  return bce_jax.MetricState(*(jnp.zeros(s, dtype) for s in shapes), metric=Metric().init().metric)
+def _stacked_state(shape, dtype=jnp.float32):
+  """A MetricState whose `sums` has the given shape."""
+  return bce_jax.MetricState(jnp.zeros(shape, dtype), metric=Metric().init().metric)
 
 
 _BAD_STACKS = {
   # kind: (stack, error, message pattern)
-  "k_zero": (_stacked_state((0,)), ValueError, r"reduce\(\) needs at least one.*K = 0"),
-  "scalar_fields": (
-    _stacked_state(()),
+  "k_zero": (_stacked_state((0, 4)), ValueError, r"reduce\(\) needs at least one.*K = 0"),
+  "one_state": (
+    _stacked_state((4,)),
     ValueError,
-    r"`states\.total` must be a float32 array of shape \[K\].*shape \(\)",
+    r"`states\.sums` must be a float32 array of shape \[K, 4\].*shape \(4,\)",
   ),
-  "mismatched_shapes": (
-    _stacked_state((3,), (3,), (2,), (2,)),
-    ValueError,
-    r"fields of `states` have different shapes.*\(2,\).*\(3,\)",
-  ),
-  "rank_two": (
+  "three_sums": (
     _stacked_state((2, 3)),
     ValueError,
-    r"`states\.total` must be a float32 array of shape \[K\].*shape \(2, 3\)",
+    r"`states\.sums` must be a float32 array of shape \[K, 4\].*shape \(2, 3\)",
   ),
-  "int_fields": (
-    _stacked_state((2,), dtype=jnp.int32),
+  "rank_three": (
+    _stacked_state((2, 3, 4)),
     ValueError,
-    r"`states\.total` must be a float32 array of shape \[K\].*int32",
+    r"`states\.sums` must be a float32 array of shape \[K, 4\].*shape \(2, 3, 4\)",
+  ),
+  "int_sums": (
+    _stacked_state((2, 4), dtype=jnp.int32),
+    ValueError,
+    r"`states\.sums` must be a float32 array of shape \[K, 4\].*int32",
   ),
   "not_a_state": (
     {"total": jnp.zeros(2)},
