@@ -269,8 +269,15 @@ def _init(tag: str | None) -> MetricState:
 
 
 def _packed(total, total_err, count, count_err) -> jax.Array:
-  """The four sums as one `sums` array, on a new last axis."""
-  return jnp.stack([total, total_err, count, count_err], axis=-1)
+  """The four sums as one `sums` array, on a new last axis.
+
+  Concatenated rather than stacked: under ``vmap`` over a batch axis
+  sharded on an Explicit mesh, a batch's total is batched (and sharded)
+  while an unweighted count is not, and jax 0.10's stack gives the
+  broadcast count no sharding and refuses the mix; concatenate shards it
+  as the batched operand.
+  """
+  return jnp.concatenate([part[..., None] for part in (total, total_err, count, count_err)], -1)
 
 
 def _update_value(formula, layout, sums, *arrays):
