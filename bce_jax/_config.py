@@ -29,7 +29,7 @@ def _real(field: str, lo: float, hi: float | None = None) -> Callable[[Any], flo
   def check(value: Any) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
       raise TypeError(f"`{field}` must be a float; got {value!r}.")
-    value = float(value)
+    value = float(value) + 0.0  # -0.0 as 0.0: equal objects, equal reprs and state tags
     if not (value >= lo and (hi is None or value <= hi)) or not np.isfinite(value):
       bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo} and finite"
       raise ValueError(f"`{field}` must be {bound}; got {value!r}.")
