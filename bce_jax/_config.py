@@ -29,7 +29,7 @@ def _real(field: str, lo: float, hi: float | None = None) -> Callable[[Any], flo
   def check(value: Any) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
       raise TypeError(f"`{field}` must be a float; got {value!r}.")
-    value = float(value)
+    value = float(value) + 0.0  # -0.0 as 0.0: equal objects, equal reprs and state tags
     if not (value >= lo and (hi is None or value <= hi)) or not np.isfinite(value):
       bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo} and finite"
       raise ValueError(f"`{field}` must be {bound}; got {value!r}.")
@@ -82,8 +82,18 @@ def _json(value: Any) -> Any:
 class Config:
   """Base of the loss and metric dataclasses: field checks and configs."""
 
+  # A metric's state tag, made on first use (see bce_jax._metric._tag). A slot,
+  # not an entry of the instance dict, so `vars(metric)` holds the fields only;
+  # `__getstate__` leaves it out of pickles and copies (it is made again).
+  __slots__ = ("_state_tag",)
+  _state_tag: str
+
   # The public function giving the formula's element losses, named in errors about `axis`.
   _ELEMENTWISE: ClassVar[str] = _validate.BCE_ELEMENTWISE
+
+  def __getstate__(self) -> dict[str, Any]:
+    """The fields only: what pickle and copy save, whatever was used before."""
+    return dict(self.__dict__)
 
   def __post_init__(self) -> None:
     for field in dataclasses.fields(self):  # type: ignore[arg-type]

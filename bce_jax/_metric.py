@@ -252,15 +252,17 @@ def _tag(metric: Config) -> str:
   it measures. Equal configurations of a class give equal tags, so with the
   class the tag also keys a metric's eager callables. It is kept on the
   (frozen) metric once made: an eager update reads it without hashing the
-  metric. It is not a field, so equality, hashing and configs ignore it; a
-  copy or pickle carries the same string.
+  metric. It is a slot of :class:`Config`, not a field: equality, hashing,
+  configs, ``vars()``, pickles and copies ignore it (a copy makes it again).
   """
-  tag = metric.__dict__.get("_state_tag")
-  if tag is None:
-    fields = dataclasses.fields(metric)  # type: ignore[arg-type]
-    config = ", ".join(f"{f.name}={getattr(metric, f.name)!r}" for f in fields if f.name != "name")
-    tag = f"{type(metric).__name__}({config})"
-    object.__setattr__(metric, "_state_tag", tag)
+  try:
+    return metric._state_tag
+  except AttributeError:
+    pass
+  fields = dataclasses.fields(metric)  # type: ignore[arg-type]
+  config = ", ".join(f"{f.name}={getattr(metric, f.name)!r}" for f in fields if f.name != "name")
+  tag = f"{type(metric).__name__}({config})"
+  object.__setattr__(metric, "_state_tag", tag)
   return tag
 
 
@@ -269,8 +271,15 @@ def _init(tag: str | None) -> MetricState:
 
 
 def _packed(total, total_err, count, count_err) -> jax.Array:
-  """The four sums as one `sums` array, on a new last axis."""
-  return jnp.stack([total, total_err, count, count_err], axis=-1)
+  """The four sums as one `sums` array, on a new last axis.
+
+  Concatenated rather than stacked: under ``vmap`` over a batch axis
+  sharded on an Explicit mesh, a batch's total is batched (and sharded)
+  while an unweighted count is not, and jax 0.10's stack gives the
+  broadcast count no sharding and refuses the mix; concatenate shards it
+  as the batched operand.
+  """
+  return jnp.concatenate([part[..., None] for part in (total, total_err, count, count_err)], -1)
 
 
 def _update_value(formula, layout, sums, *arrays):

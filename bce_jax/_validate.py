@@ -189,7 +189,8 @@ def static_label_smoothing(label_smoothing: Any) -> float:
   check_label_smoothing(label_smoothing)
   if isinstance(label_smoothing, jax.core.Tracer):
     raise TypeError("`label_smoothing` of a loss or metric object must be a Python float.")
-  return float(label_smoothing)
+  # + 0.0 turns -0.0 into 0.0: equal objects then have equal reprs and state tags.
+  return float(label_smoothing) + 0.0
 
 
 def prod(shape: Iterable[int]) -> int:
@@ -293,7 +294,7 @@ def check_sample_weight(sample_weight: Any) -> jax.Array | None:
 
 def _nested_tuple(arr: np.ndarray) -> Any:
   if arr.ndim == 0:
-    return float(arr)
+    return float(arr) + 0.0  # -0.0 as 0.0, as for label_smoothing
   return tuple(_nested_tuple(a) for a in arr)
 
 

@@ -10,6 +10,7 @@ plan made while tracing holds no tracer, and that the x64 mode is part of
 the plan.
 """
 
+import copy
 import dataclasses
 import pickle
 
@@ -373,6 +374,14 @@ class MetricEagerTest(parameterized.TestCase):
     self.assertEqual(metric.get_config(), fresh.get_config())
     self.assertEqual(repr(metric), repr(fresh))
     self.assertEqual(dataclasses.asdict(metric), dataclasses.asdict(fresh))
+    # Nor in the instance dict, pickles or copies: what they hold does not depend
+    # on whether the metric was used, and the fields rebuild it.
+    self.assertEqual(vars(metric), vars(fresh))
+    self.assertEqual(type(metric)(**vars(metric)), fresh)
+    self.assertEqual(pickle.dumps(metric), pickle.dumps(fresh))
+    for duplicate in (copy.copy(metric), copy.deepcopy(metric)):
+      self.assertEqual(vars(duplicate), vars(fresh))
+      self.assertEqual(duplicate.init().metric, state.metric)
     copied = pickle.loads(pickle.dumps(metric))
     self.assertEqual(copied, fresh)
     chex.assert_trees_all_equal(copied.merge(state, state), fresh.merge(state, state))

@@ -228,6 +228,30 @@ class ForeignStatesTest(parameterized.TestCase):
     merged = rebuilt.merge(state, renamed.update(renamed.init(), Y, X))
     np.testing.assert_allclose(float(BCE_M.result(merged)), float(BCE_M.result(state)), rtol=1e-7)
 
+  def test_negative_zero_options_are_the_same_configuration(self):
+    # -0.0 == 0.0, so the metrics are equal (one jit cache entry as static
+    # arguments): their states must be interchangeable too.
+    pairs = [
+      (bce_jax.BinaryCrossentropyMetric(label_smoothing=-0.0), bce_jax.BinaryCrossentropyMetric()),
+      (
+        bce_jax.BinaryCrossentropyMetric(pos_weight=(-0.0, 1.0)),
+        bce_jax.BinaryCrossentropyMetric(pos_weight=(0.0, 1.0)),
+      ),
+      (
+        bce_jax.BinaryFocalCrossentropyMetric(alpha=-0.0, gamma=-0.0),
+        bce_jax.BinaryFocalCrossentropyMetric(alpha=0.0, gamma=0.0),
+      ),
+    ]
+    init = jax.jit(lambda metric: metric.init(), static_argnums=0)
+    for negative, positive in pairs:
+      with self.subTest(repr(positive)):
+        self.assertEqual(negative, positive)
+        self.assertEqual(repr(negative), repr(positive))
+        self.assertEqual(negative.init().metric, positive.init().metric)
+        state = init(positive)
+        np.testing.assert_array_equal(init(negative).sums, state.sums)
+        negative.result(positive.update(state, Y, X))
+
   def test_tag_is_static_not_a_leaf(self):
     state = FOCAL_M.init()
     self.assertLen(jax.tree_util.tree_leaves(state), 1)

@@ -24,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import bce_jax
+from tests import _host_devices
 from tests import _reference as ref
 
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -361,6 +362,41 @@ class TransformationsTest(parameterized.TestCase):
     expected = ref.metric_result([(_ref_per_sample(y, x, m), w)])
     np.testing.assert_allclose(out["psum"], out["merge"], rtol=1e-6)
     np.testing.assert_allclose(out["psum"], expected, rtol=1e-6)
+
+  def test_vmap_over_a_batch_axis_sharded_on_an_explicit_mesh(self):
+    # Per-shard states from vmap over a leading axis sharded on an Explicit mesh:
+    # a batch's total is batched (sharded), an unweighted count is not, and the
+    # state's one array holds both.
+    script = textwrap.dedent("""
+        import json
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+        import bce_jax
+        m = bce_jax.BinaryCrossentropyMetric(from_logits=True)
+        rng = np.random.default_rng(5)
+        y = rng.integers(0, 2, (4, 3, 2)).astype(np.float32)
+        x = rng.normal(0, 3, (4, 3, 2)).astype(np.float32)
+        mesh = jax.make_mesh((4,), ("d",), axis_types=(AxisType.Explicit,))
+        out = {"y": y.tolist(), "x": x.tolist()}
+        with jax.set_mesh(mesh):
+          ys, xs = (jax.device_put(a, NamedSharding(mesh, P("d"))) for a in (y, x))
+          for key, weight in (("plain", None), ("weighted", jnp.float32(2.0))):
+            per_shard = jax.jit(jax.vmap(lambda a, b: m.update(m.init(), a, b, weight)))(ys, xs)
+            out[key] = per_shard.sums.tolist()
+            out[key + "_result"] = float(m.result(m.reduce(per_shard)))
+        print(json.dumps(out))
+    """)
+    proc = _host_devices.run(script, devices=4, timeout=120)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    m = Metric(from_logits=True)
+    y, x = (np.asarray(out[k], np.float32) for k in ("y", "x"))
+    expected = ref.metric_result([(_ref_per_sample(y[i], x[i], m), None) for i in range(4)])
+    for key, weight in (("plain", 1.0), ("weighted", 2.0)):
+      sums = np.asarray(out[key])
+      self.assertEqual(sums.shape, (4, 4))
+      np.testing.assert_array_equal(sums[:, 2], 3 * weight)
+      np.testing.assert_allclose(out[key + "_result"], expected, rtol=1e-6)
 
 
 # Zero or at least 1e-3: XLA flushes subnormal products to zero on CPU.
