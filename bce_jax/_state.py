@@ -135,6 +135,15 @@ def _from_state_dict(target: Any, state: dict[str, Any]) -> Any:
       f"The saved state was made by {state['metric']}, the target by {target.metric}; "
       f"restore it into the init() of a metric with the saved configuration."
     )
+  for name in names:  # flax restores any array into any leaf: shapes and dtypes checked here
+    want, got = getattr(target, name), np.asarray(state[name])
+    if (got.shape, got.dtype) != (np.shape(want), np.dtype(want.dtype)):
+      raise ValueError(
+        f"The saved state's `{name}` has shape {got.shape} and dtype {got.dtype}; the "
+        f"target's has shape {np.shape(want)} and dtype {np.dtype(want.dtype)}. Restore it "
+        f"into a target of the saved shape (a stacked state into a stacked target); the "
+        f"state's arrays are float32."
+      )
   fields = {
     name: serialization.from_state_dict(getattr(target, name), state[name], name=name)
     for name in names
@@ -211,7 +220,8 @@ def check_state(state: Any, tag: str, argname: str = "state", stacked: bool = Fa
         " Build states with init()/update(); under vmap, map over such states, and fold a "
         "stacked state with reduce()."
       )
-    raise ValueError(f"`{argname}.sums` must be {want}; got shape {shape} and dtype {dtype}.{hint}")
+    got = f"shape {shape} and dtype {dtype}" if shape is not None else f"a {type(sums).__name__}"
+    raise ValueError(f"`{argname}.sums` must be {want}; got {got}.{hint}")
   check_tag(state.metric, tag, argname)
   return state
 

@@ -394,6 +394,26 @@ class CheckpointTest(parameterized.TestCase):
     ):
       serialization.from_state_dict(FOCAL_M.init(), {**old, "count": np.zeros(2, np.float32)})
 
+  def test_flax_restore_refuses_a_shape_or_dtype_unlike_the_target(self):
+    # flax.serialization restores any array into any leaf; the state checks its own.
+    try:
+      from flax import serialization
+    except ImportError:
+      self.skipTest("flax is not installed (it is in the examples extra)")
+    state = self._state()
+    stacked = {"sums": np.zeros((2, 4), np.float32), "metric": state.metric}
+    with self.assertRaisesRegex(
+      ValueError, r"`sums` has shape \(2, 4\).*target's has shape \(4,\)"
+    ):
+      serialization.from_state_dict(FOCAL_M.init(), stacked)
+    old = {name: np.asarray(getattr(state, name)) for name in ("total", "total_err", "count")}
+    old.update(count_err=np.float64(0.0), metric=state.metric)
+    with self.assertRaisesRegex(ValueError, r"`sums` has shape \(4,\) and dtype float64"):
+      serialization.from_state_dict(FOCAL_M.init(), old)
+    target = jax.tree_util.tree_map(lambda *a: jnp.stack(a), state, state)
+    back = serialization.from_state_dict(target, {**stacked, "metric": state.metric})
+    self.assertEqual(back.sums.shape, (2, 4))
+
   def test_import_does_not_load_flax_and_late_flax_registers(self):
     try:
       import flax  # noqa: F401

@@ -845,8 +845,10 @@ class StateStructureTest(parameterized.TestCase):
   def test_python_sums_rejected_eagerly(self):
     m = Metric()
     tag = m.init().metric
-    for sums in (1.0, [1.0, 0.0, 2.0, 0.0]):
-      with self.assertRaisesRegex(ValueError, r"`state\.sums` must be a float32 array.*None"):
+    for sums, kind in ((1.0, "float"), ([1.0, 0.0, 2.0, 0.0], "list")):
+      with self.assertRaisesRegex(
+        ValueError, rf"`state\.sums` must be a float32 array.*got a {kind}\."
+      ):
         m.result(bce_jax.MetricState(sums, metric=tag))  # type: ignore[arg-type]
 
   def test_merge_needs_two_states(self):
