@@ -382,6 +382,24 @@ def cpu_barrier(value):
   )
 
 
+@jax.custom_jvp
+def _sanitized(preds, poison, infinity):
+  """`preds` with non-finite entries replaced: `poison` for nan, `infinity` signed for ±inf.
+
+  The tangent passes through unchanged (0 at a nan): a kept infinite logit
+  (`infinity` is inf in its row) keeps the derivative of the loss there, and
+  an excluded row's is multiplied by its zero weight after the formula.
+  """
+  fill = jnp.where(jnp.isnan(preds), poison, infinity)
+  return jnp.where(jnp.isfinite(preds), preds, jnp.where(preds > 0, fill, -fill))
+
+
+@_sanitized.defjvp
+def _sanitized_jvp(primals, tangents):
+  preds, tangent = primals[0], tangents[0]
+  return _sanitized(*primals), jnp.where(jnp.isnan(preds), jnp.zeros_like(tangent), tangent)
+
+
 @reduced.defjvp
 def _reduced_jvp(formula, kind, layout, primals, tangents):
   out = reduced(formula, kind, layout, *primals)
@@ -408,8 +426,7 @@ def _reduced_jvp(formula, kind, layout, primals, tangents):
       labels, preds = labels.astype(dtype), preds.astype(dtype)
       labels = jnp.where(jnp.isfinite(labels), labels, poison)
       labels = jnp.minimum(jnp.maximum(labels, -infinity), infinity + 1)  # kept: no bounds
-      fill = jnp.where(jnp.isnan(preds), poison, infinity)
-      preds = jnp.where(jnp.isfinite(preds), preds, jnp.where(preds > 0, fill, -fill))
+      preds = _sanitized(preds, poison, infinity)
     return _losses(formula, labels, preds, pos_weight, smoothing, safe=False)
 
   # Scalars through a barrier, as _logsig.fresh: a smoothing or pos_weight

@@ -443,6 +443,28 @@ class InfiniteLogitsTest(chex.TestCase):
     # A mismatched infinite logit gives inf, not nan.
     self.assertEqual(float(self.variant(loss)(y, -x)), np.inf)
 
+  @parameterized.product(shape=[(3, 2), (8193, 2), (2341, 7), (2049, 8)], jit=[True, False])
+  def test_mismatched_infinite_logit_in_a_kept_row_keeps_its_gradient(self, shape, jit):
+    # docs/rules.md: an infinite logit gives a finite gradient, d/dx = 1 at x = +inf
+    # with y = 0 (-1 at -inf with y = 1). A weighted or masked call sanitizes its
+    # excluded rows; the kept rows' infinite logits must keep that derivative.
+    rng = np.random.default_rng(3)
+    y = (rng.random(shape) < 0.5).astype(np.float32)
+    x = rng.normal(0, 3, shape).astype(np.float32)
+    x[1, 1], y[1, 1] = np.inf, 0.0
+    x[2, 0], y[2, 0] = -np.inf, 1.0
+    w = rng.random(shape[0]).astype(np.float32) + 0.5
+    m = np.ones(shape[0], bool)
+    m[0] = False
+    loss = bce_jax.BinaryCrossentropy(from_logits=True, reduction="sum")
+    for kwargs in ({"sample_weight": w}, {"mask": m}, {"sample_weight": w, "mask": m}):
+      grad = jax.grad(lambda x, kwargs=kwargs: loss(y, x, **kwargs))
+      g = np.asarray((jax.jit(grad) if jit else grad)(x))
+      keep = np.where(m, 1.0, 0.0) if "mask" in kwargs else np.ones(shape[0])
+      weight = keep * (w if "sample_weight" in kwargs else 1.0)
+      want = ref.grad_logits(y, x) * weight[:, None] / shape[1]
+      np.testing.assert_allclose(g, want, rtol=1e-6, err_msg=str(kwargs))
+
   def test_large_batch_with_infinite_logits(self):
     # Large enough for the kernel's fast path, whose sum is nan at an infinite logit
     # and is then taken again on the safe path (bce_jax/_kernel.py).
