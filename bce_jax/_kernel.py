@@ -245,7 +245,9 @@ def _impl(formula, kind, layout, *raw):
     return _row_means(formula, layout, rows, raw) if safe else rows / width
 
   # The fallback sums in the same order as the fast path, so padding full of
-  # nan gives the same value, to the bit, as padding full of zeros.
+  # nan gives the value of padding full of zeros: to the bit in most layouts,
+  # within an ulp where XLA fuses the two sums differently (seen with the
+  # transposed narrow rows and focal logits, and on some blocks).
   fast = compute(safe=False)
   # One nan makes the sum nan; the barrier keeps the check off the rows' fusion.
   check = fast if kind == "total" else jnp.sum(jax.lax.optimization_barrier(fast))
