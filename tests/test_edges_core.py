@@ -307,6 +307,14 @@ class CheckpointTest(parameterized.TestCase):
     # The restored state keeps working.
     FOCAL_M.update(restored, Y, X)
 
+  def _flax_serialization(self):
+    """flax.serialization, or the test skipped where flax is not installed."""
+    try:
+      from flax import serialization
+    except ImportError:
+      self.skipTest("flax is not installed (it is in the examples extra)")
+    return serialization
+
   def test_pickle(self):
     state = self._state()
     self._assert_same(pickle.loads(pickle.dumps(state)), state)
@@ -325,10 +333,7 @@ class CheckpointTest(parameterized.TestCase):
     self._assert_same(restored, state)
 
   def test_flax_bytes_and_state_dict(self):
-    try:
-      from flax import serialization
-    except ImportError:
-      self.skipTest("flax is not installed (it is in the examples extra)")
+    serialization = self._flax_serialization()
     state = self._state()
     # Inside a train-state-like dict, as Flax users save one.
     saved = serialization.to_bytes({"step": 3, "metric": state})
@@ -368,10 +373,7 @@ class CheckpointTest(parameterized.TestCase):
 
   def test_flax_restores_the_four_array_layout(self):
     # A checkpoint saved before the sums were packed into one array.
-    try:
-      from flax import serialization
-    except ImportError:
-      self.skipTest("flax is not installed (it is in the examples extra)")
+    serialization = self._flax_serialization()
     state = self._state()
     names = ("total", "total_err", "count", "count_err")
     old = {name: np.asarray(getattr(state, name)) for name in names}
@@ -396,10 +398,7 @@ class CheckpointTest(parameterized.TestCase):
 
   def test_flax_restore_refuses_a_shape_or_dtype_unlike_the_target(self):
     # flax.serialization restores any array into any leaf; the state checks its own.
-    try:
-      from flax import serialization
-    except ImportError:
-      self.skipTest("flax is not installed (it is in the examples extra)")
+    serialization = self._flax_serialization()
     state = self._state()
     stacked = {"sums": np.zeros((2, 4), np.float32), "metric": state.metric}
     with self.assertRaisesRegex(
