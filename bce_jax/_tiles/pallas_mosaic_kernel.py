@@ -109,6 +109,22 @@ def elementwise(logits: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array
   return loss, jnp.where(pos, -sig, sig)
 
 
+def add_tile(spec: Spec, ok, loss, g, dots, sums, gdot: bool):
+  """A tile's row sums added to `sums` ``(loss_sum, g_sum, gdot_sum)``: of the
+  loss, of ``g`` and (with `gdot`) of ``g`` times the tile's float32 dot
+  products `dots`, over the pairs `ok` keeps. Returns the new sums and ``g``
+  with the other pairs zeroed (the gradient MMAs' left operand)."""
+  loss_sum, g_sum, gdot_sum = sums
+  if spec.value:
+    loss_sum = loss_sum + jnp.sum(jnp.where(ok, loss, 0.0), axis=1)
+  if spec.grads:
+    g = jnp.where(ok, g, 0.0)
+    g_sum = g_sum + jnp.sum(g, axis=1)
+    if gdot:  # float32 g and dot products: no rounded operand
+      gdot_sum = gdot_sum + jnp.sum(g * dots, axis=1)
+  return (loss_sum, g_sum, gdot_sum), g
+
+
 def _swizzled(minor: int, dtype: Any, at_most: int = 128) -> tuple[Any, ...]:
   """SMEM tiling and swizzle for rows of `minor` elements (`at_most` bytes)."""
   swizzle = min(plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8), at_most)
@@ -252,14 +268,9 @@ def body(*refs, spec: Spec) -> None:
     for o, x in zip(own_ids[1:], xids[1:]):
       pos = pos & (o == x)
     loss, g = elementwise(logits, pos)
-    loss_sum, g_sum, gdot_sum, d_own = carry  # None without grads (gdot_sum: without gdot)
-    if spec.value:
-      loss_sum = loss_sum + jnp.sum(jnp.where(ok, loss, 0.0), axis=1)
+    *sums, d_own = carry  # None without grads (gdot_sum: without gdot)
+    (loss_sum, g_sum, gdot_sum), g = add_tile(spec, ok, loss, g, s, sums, gdot)
     if spec.grads:
-      g = jnp.where(ok, g, 0.0)
-      g_sum = g_sum + jnp.sum(g, axis=1)
-      if gdot:  # float32 g and dot products: no rounded operand
-        gdot_sum = gdot_sum + jnp.sum(g * s, axis=1)
       g_smem[...] = g.astype(spec.dtype)  # the MMA's left operand, from SMEM
       plgpu.commit_smem()
 

@@ -100,7 +100,7 @@ def body(*refs, spec: Spec) -> None:
     other_t, other_chunk = rest[0], (rest[1] if spec.grads else None)
     done, carry = rest[n_in - 2 - p : 2 * n_in - 2 - p], rest[-1]
     done_vecs, done_t = done[: 2 + p], done[2 + p]
-    (scale, obias, ook, own_ids), (loss_sum, g_sum, gdot_sum, d_own) = carry
+    (scale, obias, ook, own_ids), (*sums, d_own) = carry
 
     def dots(acc_ref):
       plgpu.wgmma(acc_ref, own_smem, other_t.at[:, mine])
@@ -117,13 +117,8 @@ def body(*refs, spec: Spec) -> None:
     for barrier in done_vecs:
       plgpu.barrier_arrive(barrier)
     loss, g = _one.elementwise(row_vec(scale) * s + row_vec(obias) + bias, pos)
-    if spec.value:
-      loss_sum = loss_sum + jnp.sum(jnp.where(ok, loss, 0.0), axis=1)
+    (loss_sum, g_sum, gdot_sum), g = _one.add_tile(spec, ok, loss, g, s, sums, gdot)
     if spec.grads:
-      g = jnp.where(ok, g, 0.0)
-      g_sum = g_sum + jnp.sum(g, axis=1)
-      if gdot:  # float32 g and dot products: no rounded operand
-        gdot_sum = gdot_sum + jnp.sum(g * s, axis=1)
       slot = g_smem.at[lax.rem(indices[0], 2)]  # by step parity
       slot.at[:, mine][...] = g.astype(spec.dtype)
       plgpu.commit_smem()
