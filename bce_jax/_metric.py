@@ -286,9 +286,8 @@ def _update_value(formula, layout, sums, *arrays):
   # The state's one array in and out, not the pytree: an eager call
   # dispatches faster with plain arguments.
   batch_total, batch_count = _reduce.batch_sums(formula, layout, *arrays)
-  total, total_err = _add(sums[..., 0], sums[..., 1], *_split(batch_total))
-  count, count_err = _add(sums[..., 2], sums[..., 3], *_split(batch_count))
-  return _packed(total, total_err, count, count_err)
+  # The batch as a state of its own, merged in.
+  return _merge_sums(sums, _packed(*_split(batch_total), *_split(batch_count)))
 
 
 _update = jax.jit(_update_value, static_argnums=(0, 1))
