@@ -117,7 +117,9 @@ class Metric(Config):
 
     Every method takes only states made by a metric of this class and
     configuration (the `name` aside): another metric's state, or one with
-    another `gamma`, raises a ValueError, under ``jax.jit`` at trace time.
+    another `gamma`, raises a ValueError, under ``jax.jit`` at trace time. A
+    metric class defined outside bce_jax refuses a bce_jax metric's states
+    (and they its), even where both classes have one name.
     """
     tag = _tag(self)
     concrete = _eager.CONCRETE
@@ -248,12 +250,14 @@ class BinaryFocalCrossentropyMetric(Metric):
 def _tag(metric: Config) -> str:
   """What a state records of the metric that made it: its class and configuration.
 
-  The name is left out: it labels a metric in logs and does not change what
-  it measures. Equal configurations of a class give equal tags, so with the
-  class the tag also keys a metric's eager callables. It is kept on the
-  (frozen) metric once made: an eager update reads it without hashing the
-  metric. It is a slot of :class:`Config`, not a field: equality, hashing,
-  configs, ``vars()``, pickles and copies ignore it (a copy makes it again).
+  A class defined in bce_jax is named bare, one defined elsewhere with its
+  module (see :func:`bce_jax._state.make_tag`). The name is left out: it
+  labels a metric in logs and does not change what it measures. Equal
+  configurations of a class give equal tags, so with the class the tag also
+  keys a metric's eager callables. It is kept on the (frozen) metric once
+  made: an eager update reads it without hashing the metric. It is a slot
+  of :class:`Config`, not a field: equality, hashing, configs, ``vars()``,
+  pickles and copies ignore it (a copy makes it again).
   """
   try:
     return metric._state_tag
@@ -261,7 +265,7 @@ def _tag(metric: Config) -> str:
     pass
   fields = dataclasses.fields(metric)  # type: ignore[arg-type]
   config = ", ".join(f"{f.name}={getattr(metric, f.name)!r}" for f in fields if f.name != "name")
-  tag = f"{type(metric).__name__}({config})"
+  tag = _state.make_tag(type(metric), config)
   object.__setattr__(metric, "_state_tag", tag)
   return tag
 

@@ -32,8 +32,12 @@ class MetricState:
       Under ``vmap``, and for states stacked for ``reduce``, it has leading
       axes: ``[K, 4]``.
     metric: the metric and configuration that made the state, as a string
-      (static: part of the tree structure, not a leaf). A metric refuses a
-      state another metric or configuration made, also under ``jax.jit``.
+      (static: part of the tree structure, not a leaf), such as
+      ``"BinaryCrossentropyMetric(from_logits=True, ...)"``. A metric class
+      defined outside bce_jax is named with its module,
+      ``"mylib.metrics.BinaryCrossentropyMetric(...)"``, so it never shares
+      a tag with a bce_jax class of the same name. A metric refuses a state
+      another metric or configuration made, also under ``jax.jit``.
 
   The four sums are also read-only properties, views of `sums` computed on
   access (``sums[..., i]``, so a stacked state's `total` has shape ``[K]``):
@@ -51,7 +55,9 @@ class MetricState:
   ``flax.serialization.to_bytes`` / ``from_bytes`` (and ``to_state_dict`` /
   ``from_state_dict``) save it as Flax users save a train state; the state
   dict holds `sums` and `metric`, checked against the target's when it is
-  restored. A state dict of the earlier layout, four arrays ``total``,
+  restored (a state of a class defined outside bce_jax, saved when its tag
+  was the bare class name, restores into that class's ``init()`` and takes
+  its tag). A state dict of the earlier layout, four arrays ``total``,
   ``total_err``, ``count`` and ``count_err``, is restored too: its arrays
   are packed into `sums`.
 
@@ -130,7 +136,7 @@ def _from_state_dict(target: Any, state: dict[str, Any]) -> Any:
       f"A {type(target).__name__}'s state dict has the keys {sorted(expected)}; "
       f"got {sorted(state)}."
     )
-  if state["metric"] != target.metric:
+  if not restores_into(state["metric"], target.metric):
     raise ValueError(
       f"The saved state was made by {state['metric']}, the target by {target.metric}; "
       f"restore it into the init() of a metric with the saved configuration."
@@ -226,10 +232,56 @@ def check_state(state: Any, tag: str, argname: str = "state", stacked: bool = Fa
   return state
 
 
+def make_tag(cls: type, config: str) -> str:
+  """The `metric` tag of the states of metric class `cls` with `config` (``"a=1, b=2"``).
+
+  A class defined in bce_jax is named by its bare name, as it always was, so
+  every saved state keeps restoring: ``BinaryCrossentropyMetric(from_logits=False,
+  ...)``. Any other class is named by its module and qualified name,
+  ``mylib.metrics.BinaryCrossentropyMetric(...)``: a user's class that takes a
+  bce_jax class's name measures something else, and its states and bce_jax's
+  must never be mixed.
+  """
+  module = cls.__module__
+  if module == "bce_jax" or module.startswith("bce_jax."):
+    return f"{cls.__name__}({config})"
+  return f"{module}.{cls.__qualname__}({config})"
+
+
+def bare_tag(tag: str) -> str:
+  """`tag` without its module and enclosing names: how bce_jax tagged every class's
+  states before it qualified those of classes defined outside it (a bce_jax
+  class's tag is its own bare tag)."""
+  head, paren, config = tag.partition("(")
+  return head.rpartition(".")[2] + paren + config
+
+
+def restores_into(saved: Any, tag: str | None) -> bool:
+  """Whether a checkpoint's `metric` tag, `saved`, restores into a target tagged `tag`:
+  equal tags, or a state saved under the bare form of `tag` (a class defined
+  outside bce_jax, saved before its tags named its module), which the target's
+  tag then replaces. Only restoring takes the bare form: a metric's methods
+  refuse it, since bce_jax's class of that name makes the same tag."""
+  if saved == tag:
+    return True
+  return isinstance(saved, str) and isinstance(tag, str) and saved == bare_tag(tag)
+
+
 def check_tag(made_by: str | None, tag: str, argname: str = "state") -> None:
   """A ValueError unless a state's `metric` tag, `made_by`, is `tag` (this metric's)."""
   if made_by == tag:
     return
+  if made_by is not None and made_by == bare_tag(tag):
+    raise ValueError(
+      f"`{argname}` was made by {made_by}, not by this metric, {tag}. That is the tag, "
+      f"with the bare class name, of a bce_jax metric of that name, and of this class "
+      f"before bce_jax named the module in the tags of metrics defined outside it: it is "
+      f"never combined with this metric's states. Pass a state from this metric's "
+      f"init() and update(); restore a checkpoint of this class saved under the bare "
+      f"class name with flax.serialization.from_bytes or from_state_dict into this "
+      f"metric's init(), which accepts it, and re-tag an unpickled one of this class with "
+      f"dataclasses.replace(state, metric=metric.init().metric)."
+    )
   who = "no metric (its `metric` is None: built by hand)" if made_by is None else made_by
   raise ValueError(
     f"`{argname}` was made by {who}, not by this metric, {tag}. States of different "

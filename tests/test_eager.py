@@ -390,7 +390,8 @@ class MetricEagerTest(parameterized.TestCase):
       renamed.result(state)
 
   def test_a_subclass_of_the_same_name_gets_its_own_eager_callable(self):
-    # Its states carry the same tag; its calls must still run its own formula.
+    # Its eager callable is its own: keyed by its class as well as its tag (which
+    # names its module, so differs from the parent's; the parent's states are refused).
     focal = bce_jax.BinaryFocalCrossentropyMetric(from_logits=True)
 
     @jax.tree_util.register_static
@@ -407,6 +408,10 @@ class MetricEagerTest(parameterized.TestCase):
       child_state = child.update(child.init(), y, x)
     chex.assert_trees_all_equal(child_state.sums, focal.update(focal.init(), y, x).sums)
     self.assertGreater(float(bce_state.total), float(child_state.total))
+    self.assertStartsWith(child_state.metric, f"{__name__}.MetricEagerTest.")
+    self.assertEndsWith(child_state.metric, f".<locals>.{bce_state.metric}")
+    with self.assertRaisesRegex(ValueError, "bare class name"):
+      child.update(bce_state, y, x)
 
   def test_a_state_of_another_configuration_is_refused_after_updates(self):
     _, state, (y, x, _, _) = self._states()

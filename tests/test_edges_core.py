@@ -10,6 +10,7 @@ Keras's `dtype` argument.
 import dataclasses
 import functools
 import pickle
+import re
 import subprocess
 import sys
 import tempfile
@@ -189,6 +190,19 @@ Y = jnp.array([[1.0, 0.0], [0.0, 1.0]])
 X = jnp.array([[0.3, -2.0], [1.5, 0.2]])
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class BinaryCrossentropyMetric(bce_jax.BinaryCrossentropyMetric):
+  """A user's metric named as a bce_jax one, measuring something else (the focal loss)."""
+
+  def formula(self):
+    return FOCAL_M.formula()
+
+
+# Defined outside bce_jax: its states' tag names its module.
+LOOKALIKE_M = BinaryCrossentropyMetric(from_logits=True)
+
+
 def _stack(*states):
   return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states)
 
@@ -214,6 +228,40 @@ class ForeignStatesTest(parameterized.TestCase):
     a = FOCAL_M.init()
     with self.assertRaisesRegex(ValueError, r"`others\[0\]`.*gamma=3\.0.*gamma=2\.0"):
       FOCAL_M.merge(a, FOCAL3_M.init())
+
+  @parameterized.named_parameters(*_MODES)
+  def test_a_class_named_as_a_bce_jax_metric_is_another_metric(self, use_jit):
+    bce_state = BCE_M.update(BCE_M.init(), Y, X)
+    own_state = LOOKALIKE_M.update(LOOKALIKE_M.init(), Y, X)
+    self.assertNotEqual(own_state.metric, bce_state.metric)
+    bare = re.escape(bce_state.metric)
+    qualified = re.escape(own_state.metric)
+    self.assertStartsWith(own_state.metric, f"{__name__}.BinaryCrossentropyMetric(")
+    # bce_jax's state refused by the lookalike: the message names both tags and the fix.
+    calls = (
+      ("state", lambda: _maybe_jit(LOOKALIKE_M.update, use_jit)(bce_state, Y, X)),
+      ("state", lambda: _maybe_jit(LOOKALIKE_M.result, use_jit)(bce_state)),
+      ("state", lambda: _maybe_jit(LOOKALIKE_M.merge, use_jit)(bce_state, own_state)),
+      ("others[0]", lambda: _maybe_jit(LOOKALIKE_M.merge, use_jit)(own_state, bce_state)),
+      ("states", lambda: _maybe_jit(LOOKALIKE_M.reduce, use_jit)(_stack(bce_state, bce_state))),
+    )
+    for argname, call in calls:
+      refused = rf"`{re.escape(argname)}` was made by {bare}, not by this metric, {qualified}"
+      with (
+        self.subTest(argname),
+        self.assertRaisesRegex(ValueError, rf"{refused}.*bare class name.*init\(\)"),
+      ):
+        call()
+    # And the other way: bce_jax's metric refuses the lookalike's state.
+    with self.assertRaisesRegex(ValueError, rf"`others\[0\]` was made by {qualified}, not by"):
+      _maybe_jit(BCE_M.merge, use_jit)(bce_state, own_state)
+    with self.assertRaisesRegex(ValueError, rf"`state` was made by {qualified}, not by"):
+      _maybe_jit(BCE_M.update, use_jit)(own_state, Y, X)
+    # Each keeps working on its own states.
+    np.testing.assert_array_equal(
+      np.asarray(_maybe_jit(LOOKALIKE_M.merge, use_jit)(own_state, own_state).sums),
+      np.asarray(FOCAL_M.merge(*[FOCAL_M.update(FOCAL_M.init(), Y, X)] * 2).sums),
+    )
 
   def test_state_built_by_hand_is_refused(self):
     state = bce_jax.MetricState(jnp.zeros(4, jnp.float32))
@@ -347,6 +395,60 @@ class CheckpointTest(parameterized.TestCase):
       serialization.from_bytes(FOCAL3_M.init(), serialization.to_bytes(state))
     with self.assertRaisesRegex(ValueError, r"state dict has the keys"):
       serialization.from_state_dict(FOCAL_M.init(), {"total": 1.0})
+
+  def test_bce_jax_tags_are_unchanged(self):
+    # Checkpoints hold these strings: a bce_jax class's tag is its bare name and
+    # configuration, as it always was, so every saved state keeps restoring.
+    self.assertEqual(
+      BCE_M.init().metric,
+      "BinaryCrossentropyMetric(from_logits=True, label_smoothing=0.0, axis=-1, pos_weight=None)",
+    )
+    self.assertEqual(
+      FOCAL3_M.init().metric,
+      "BinaryFocalCrossentropyMetric(apply_class_balancing=False, alpha=0.25, gamma=3.0, "
+      "from_logits=True, label_smoothing=0.0, axis=-1, pos_weight=None)",
+    )
+    self.assertEqual(bce_jax.TopKMetric(ks=(1, 2)).init().metric, "TopKMetric(ks=(1, 2))")
+    # A class defined elsewhere: its module and qualified name, then the same configuration.
+    self.assertEqual(LOOKALIKE_M.init().metric, f"{__name__}.{BCE_M.init().metric}")
+
+  @parameterized.named_parameters(*_MODES)
+  def test_bare_tag_of_a_class_outside_bce_jax_restores_into_its_qualified_tag(self, use_jit):
+    # Before tags named the module, the lookalike's states were tagged with its
+    # bare class name: such a checkpoint restores into its init() and works on.
+    serialization = self._flax_serialization()
+    state = LOOKALIKE_M.update(LOOKALIKE_M.init(), Y, X)
+    bare = BCE_M.init().metric  # the class name and configuration, no module
+    saved = {"sums": np.asarray(state.sums), "metric": bare}
+    restored = serialization.from_state_dict(LOOKALIKE_M.init(), saved)
+    self.assertEqual(restored.metric, state.metric)
+    np.testing.assert_array_equal(np.asarray(restored.sums), np.asarray(state.sums))
+    packed = serialization.msgpack_serialize({"step": 3, "metric": saved})
+    from_bytes = serialization.from_bytes({"step": 0, "metric": LOOKALIKE_M.init()}, packed)
+    self.assertEqual(from_bytes["metric"].metric, state.metric)
+    names = ("total", "total_err", "count", "count_err")
+    four = {name: np.asarray(getattr(state, name)) for name in names}
+    four_back = serialization.from_state_dict(LOOKALIKE_M.init(), {**four, "metric": bare})
+    self.assertEqual(four_back.metric, state.metric)
+    for back in (restored, from_bytes["metric"], four_back):
+      np.testing.assert_array_equal(
+        np.asarray(_maybe_jit(LOOKALIKE_M.update, use_jit)(back, Y, X).sums),
+        np.asarray(LOOKALIKE_M.update(state, Y, X).sums),
+      )
+      _maybe_jit(LOOKALIKE_M.merge, use_jit)(state, back)
+    # Only the bare form of the target's own tag: not another configuration,
+    # module or class, and a bce_jax target takes no qualified tag.
+    others = (
+      bce_jax.BinaryCrossentropyMetric().init().metric,
+      f"elsewhere.{bare}",
+      f"{__name__}.Other{bare}",
+      bare.replace("(", ".BinaryCrossentropyMetric(", 1),
+    )
+    for tag in others:
+      with self.subTest(tag), self.assertRaisesRegex(ValueError, r"saved state was made by"):
+        serialization.from_state_dict(LOOKALIKE_M.init(), {**saved, "metric": tag})
+    with self.assertRaisesRegex(ValueError, r"saved state was made by"):
+      serialization.from_state_dict(BCE_M.init(), {**saved, "metric": state.metric})
 
   def test_orbax_four_array_layout_restores_through_flax(self):
     # The changelog's path for an orbax checkpoint saved before the sums were packed.
