@@ -106,16 +106,23 @@ class Config:
         continue
       object.__setattr__(self, field.name, value)
 
-  def static_pos_weight(self) -> np.ndarray | None:
-    """The configured `pos_weight` as an array (None if unset)."""
-    pos_weight = getattr(self, "pos_weight", None)
-    return None if pos_weight is None else np.asarray(pos_weight, np.float32)
+  def static_pos_weight(self, dtype: Any) -> np.ndarray | None:
+    """The configured `pos_weight` as an array of `dtype` (None if unset).
 
-  def call_config(self) -> tuple[Any, ...]:
-    """What a call's checks need: formula, label smoothing, pos_weight, axis, elementwise name."""
+    `dtype` is the call's compute dtype: float64 for float64 inputs under
+    x64 gets the configured floats whole; float32 rounds them once, here.
+    """
+    pos_weight = getattr(self, "pos_weight", None)
+    return None if pos_weight is None else np.asarray(pos_weight, dtype)
+
+  def call_config(self, dtype: Any) -> tuple[Any, ...]:
+    """What a call's checks need: formula, label smoothing, pos_weight, axis, elementwise name.
+
+    `pos_weight` in `dtype`, the call's compute dtype (:meth:`static_pos_weight`).
+    """
     label_smoothing = getattr(self, "label_smoothing", 0.0)
     axis = getattr(self, "axis", -1)
-    return self.formula(), label_smoothing, self.static_pos_weight(), axis, self._ELEMENTWISE
+    return self.formula(), label_smoothing, self.static_pos_weight(dtype), axis, self._ELEMENTWISE
 
   def formula(self) -> Any:
     raise NotImplementedError

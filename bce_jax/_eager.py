@@ -18,6 +18,7 @@ import functools
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 from bce_jax import _validate
 
@@ -63,8 +64,9 @@ def eager(head, config, checked, y_true, y_pred, sample_weight=None, mask=None) 
   Args:
     head: a hashable naming everything `config` returns (a loss or metric
       object, or a function's options by value and type), or None.
-    config: ``() -> (formula, label_smoothing, pos_weight, axis,
-      elementwise)``, called once per `head`.
+    config: ``(dtype) -> (formula, label_smoothing, pos_weight, axis,
+      elementwise)``, called once per `head` and compute dtype, with
+      `pos_weight` (a configured one) in that dtype.
     checked: ``(function, *statics)``: the traced function is ``function(formula,
       label_smoothing, axis, axis_types, elementwise, *statics, *arrays)``.
     y_true, y_pred, sample_weight, mask: the call's inputs.
@@ -77,14 +79,20 @@ def eager(head, config, checked, y_true, y_pred, sample_weight=None, mask=None) 
   ):
     return None
   # The attribute reads faster than config.read (its stub does not declare it).
-  key = (head, jax.config.jax_enable_x64)  # type: ignore[attr-defined]
+  x64 = jax.config.jax_enable_x64  # type: ignore[attr-defined]
+  # The compute dtype (float64 only for float64 y_pred, so only under x64):
+  # a configured pos_weight is passed in it, whole in float64.
+  wide = x64 and y_pred.dtype == np.float64
+  key = (head, x64, wide)
   try:
     hit = _EAGER.get(key)
   except TypeError:  # an unhashable argument (an axis list): checked every time
     return None
   if hit is not None:
     return hit
-  formula, label_smoothing, pos_weight, axis, elementwise = config()
+  formula, label_smoothing, pos_weight, axis, elementwise = config(
+    np.float64 if wide else np.float32
+  )
   if type(label_smoothing) is not float:
     return None
   # `axis` by value and type: 1.0 == True == 1, and only the int passes its check.

@@ -1,7 +1,7 @@
 """The weighted row and total sums of element losses, for any element formula.
 
 Inputs arrive as `[M, L]` arrays: `M` per-sample entries (rows) of `L`
-elements each, averaged later. Two reductions, one custom JVP:
+elements each, averaged later. Three reductions, one custom JVP:
 
 * ``"rows"``: ``w_m * sum_l E_ml``, a `[M]` array;
 * ``"means"``: ``w_m * mean_l E_ml``, finite where the row sum overflows
@@ -13,23 +13,14 @@ A row whose weight is exactly 0 (a masked or zero-weighted entry) adds exactly
 value drops the row after its sum, the derivative sanitizes the row's
 inputs before the formula (the double-``where`` pattern).
 
-How each is computed is chosen for XLA on CPU, where a fused reduction over
-a narrow innermost axis runs several times slower than over a flat vector:
-
-* an unweighted total is computed on the flattened inputs behind an
-  optimization barrier (without it XLA folds the free reshape back in);
-* a weighted total over rows of one element is flat too; a weighted total
-  over wider rows reduces over the batch axis first (the weights scale
-  whole rows there, so the innermost axis stays the vector axis); over the
-  narrowest rows (2-7 elements, 2-15 in bfloat16) it reduces the transposed
-  inputs instead on CPU, chosen when the program is lowered
-  (``_fast_total``): XLA:CPU runs the blocks nearly a lane at a time there;
-* the fast sums use formulas without selects (a select splits XLA's CPU
-  reduction fusion). A nan from ``0 * inf`` at an infinite logit, or from
-  padding, makes the sum nan; only then is the sum taken again on the safe
-  path (exact infinities, excluded rows zeroed), so the common case pays
-  for one scalar ``cond``. Inputs under ``_FAST_MIN_SIZE`` elements take
-  the safe path alone.
+How each is computed is chosen for XLA on CPU: the fast path's sums take
+the layouts XLA:CPU reduces fastest (flat vectors, blocks of rows, the
+transposed narrowest rows; :mod:`bce_jax._fast_sums`), with formulas
+without selects. A nan from ``0 * inf`` at an infinite logit, or from
+padding, makes such a sum nan; only then is the sum taken again on the safe
+path (exact infinities, excluded rows zeroed), so the common case pays for
+one scalar ``cond``. Inputs under ``_FAST_MIN_SIZE`` elements take the safe
+path alone.
 
 The derivative is the element formula's own JVP, taken on the inputs as
 they are (no barrier, no flattening): in reverse mode it is one elementwise
@@ -58,37 +49,19 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from bce_jax import _validate
-from bce_jax._layout import Formula, Layout, compute_dtype
+from bce_jax import _fast_sums, _validate
+from bce_jax._layout import Formula, Layout, compute_dtype, element_losses
 
 __all__ = ["Formula", "Layout", "compute_dtype", "cpu_barrier", "reduced", "scaled_sums", "small"]
 
 
-def _losses(formula: Formula, labels, preds, pos_weight, smoothing, safe: bool) -> jax.Array:
-  """Element losses of raw inputs: cast and smoothing happen inside the fusion."""
-  dtype = compute_dtype(preds.dtype)
-  smoothing = smoothing.astype(dtype)
-  labels = labels.astype(dtype) * (1 - smoothing) + 0.5 * smoothing
-  return formula(labels, preds.astype(dtype), pos_weight, safe=safe)
-
-
-def _flat(*arrays):
-  """The arrays flattened behind a barrier, so XLA reduces a flat vector."""
-  return jax.lax.optimization_barrier(tuple(a.reshape(-1) for a in arrays))
-
-
-def _flat_weight(pos_weight):
-  """`pos_weight` (an [M, L] array or a scalar) for flattened inputs."""
-  if pos_weight is None or pos_weight.ndim == 0:
-    return pos_weight
-  return pos_weight.reshape(-1)
-
-
 def _row_sums(formula, labels, preds, pos_weight, smoothing, safe):
   if preds.shape[1] == 1:  # one element a row: no reduction, computed flat
-    pos_weight = _flat_weight(pos_weight)
-    return _losses(formula, labels.reshape(-1), preds.reshape(-1), pos_weight, smoothing, safe)
-  return jnp.sum(_losses(formula, labels, preds, pos_weight, smoothing, safe), axis=-1)
+    pos_weight = _fast_sums.flat_weight(pos_weight)
+    return element_losses(
+      formula, labels.reshape(-1), preds.reshape(-1), pos_weight, smoothing, safe
+    )
+  return jnp.sum(element_losses(formula, labels, preds, pos_weight, smoothing, safe), axis=-1)
 
 
 def _rows(formula, labels, preds, pos_weight, smoothing, weight, safe):
@@ -100,103 +73,6 @@ def _weighted(rows, weight):
   if weight is None:
     return rows
   return jnp.where(weight != 0, rows * weight.astype(rows.dtype), 0)
-
-
-def _fast_row_sums(formula, labels, preds, pos_weight, smoothing, safe):
-  """Row sums on the fast path, on inputs XLA cannot share with the gradient.
-
-  A value the reduction shares with the gradient's pass (an exp, a ``1 - y``,
-  a bfloat16 conversion) is written out in full; the barrier stops that.
-  """
-  rows, width = preds.shape
-  if width == 1 or rows == 1:
-    labels, preds = _flat(labels, preds)
-    losses = _losses(formula, labels, preds, _flat_weight(pos_weight), smoothing, safe)
-    return losses if width == 1 else jnp.sum(losses).reshape(1)
-  labels, preds = jax.lax.optimization_barrier((labels, preds))
-  return jnp.sum(_losses(formula, labels, preds, pos_weight, smoothing, safe), axis=-1)
-
-
-def _fast_total(formula, labels, preds, pos_weight, smoothing, weight, safe):
-  width = preds.shape[1]
-  if weight is None:
-    labels, preds = _flat(labels, preds)
-    pos_weight = _flat_weight(pos_weight)
-    return jnp.sum(_losses(formula, labels, preds, pos_weight, smoothing, safe))
-  if width == 1:
-    # The weights are already flat; a barrier on them would write out a
-    # mask's conversion to float.
-    labels, preds = _flat(labels, preds)
-    pos_weight = _flat_weight(pos_weight)
-    losses = _losses(formula, labels, preds, pos_weight, smoothing, safe)
-    return jnp.sum(losses * weight.astype(losses.dtype))
-  # The [M] weights are written once (1/L of the data) rather than
-  # recomputed from a broadcast inside the reduction.
-  weight = jax.lax.optimization_barrier(weight)
-  if width >= _WIDE // 2:  # wide rows: their sums are cheap
-    rows = _fast_row_sums(formula, labels, preds, pos_weight, smoothing, safe)
-    return jnp.sum(rows * weight.astype(rows.dtype))
-  # Narrow rows are grouped k at a time into [M/k, k, L] blocks and reduced
-  # over the first axis: the weights still scale whole rows, and the
-  # innermost k * L elements (up to 128) are wide enough for XLA to
-  # vectorize. k divides M (slicing off a remainder costs a copy).
-  group = _largest_divisor(preds.shape[0], _WIDE // width)
-  args = (formula, labels, preds, pos_weight, smoothing, weight)
-  if width >= _columns_below(preds.dtype):
-    return _weighted_blocks(*args, group, safe)
-  # Narrower rows: the transposed inputs on CPU (_weighted_columns); XLA:GPU
-  # keeps the blocks, which it reads once.
-  return jax.lax.platform_dependent(
-    cpu=lambda: _weighted_columns(*args, safe),
-    default=lambda: _weighted_blocks(*args, group, safe),
-  )
-
-
-_WIDE = 128
-
-
-def _columns_below(dtype) -> int:
-  """Rows narrower than this take :func:`_weighted_columns` on CPU.
-
-  Measured with XLA:CPU (jax 0.10): the columns win below 8 elements a row
-  in float32 (1.5-1.7x the flat sum where the blocks take 2.2-4x) and lose
-  from 16; 16-bit inputs, whose blocks convert in the narrow loop too, gain
-  up to 12.
-  """
-  return 8 if jnp.dtype(dtype).itemsize >= 4 else 16
-
-
-def _largest_divisor(n: int, limit: int) -> int:
-  return max(d for d in range(1, limit + 1) if n % d == 0)
-
-
-def _weighted_blocks(formula, labels, preds, pos_weight, smoothing, weight, group, safe):
-  """``sum_m w_m sum_l E_ml`` over rows grouped `group` at a time."""
-  rows, width = preds.shape
-  blocks = (rows // group, group, width)
-  if pos_weight is not None and pos_weight.ndim:
-    pos_weight = jnp.broadcast_to(pos_weight, preds.shape).reshape(blocks)
-  # Behind a barrier, as in _fast_row_sums: nothing shared with the gradient.
-  labels, preds = jax.lax.optimization_barrier((labels.reshape(blocks), preds.reshape(blocks)))
-  losses = _losses(formula, labels, preds, pos_weight, smoothing, safe)
-  weight = weight.astype(losses.dtype).reshape(blocks[:2] + (1,))
-  return jnp.sum(jnp.sum(losses * weight, axis=0))
-
-
-def _weighted_columns(formula, labels, preds, pos_weight, smoothing, weight, safe):
-  """``sum_m w_m sum_l E_ml`` over the transposed inputs, `[L, M]` columns.
-
-  XLA:CPU's fused reductions vectorize along the innermost axis. With the
-  weights broadcast along rows of 2-7 elements (the blocks'
-  innermost axis), they run the element formula nearly a lane at a time; here
-  the innermost axis is `M`, the weights run along it, and the transposed
-  inputs XLA writes first (the inputs' bytes once more, at memory speed) cost
-  less than the narrow loop.
-  """
-  if pos_weight is not None and pos_weight.ndim:
-    pos_weight = jnp.broadcast_to(pos_weight, preds.shape).T
-  losses = _losses(formula, labels.T, preds.T, pos_weight, smoothing, safe)
-  return jnp.sum(losses * weight.astype(losses.dtype)[None, :])
 
 
 def _rows_inputs(layout, y_true, y_pred, smoothing, pos_weight, sample_weight, mask):
@@ -238,8 +114,8 @@ def _impl(formula, kind, layout, *raw):
       preds = jnp.where(keep, preds, jnp.zeros((), preds.dtype))
     args = (formula, labels, preds, pos_weight, smoothing)
     if kind == "total":
-      return _fast_total(*args, weight, safe)
-    rows = _weighted(_fast_row_sums(*args, safe), weight)
+      return _fast_sums.total(*args, weight, safe)
+    rows = _weighted(_fast_sums.row_sums(*args, safe), weight)
     if not means:
       return rows
     return _row_means(formula, layout, rows, raw) if safe else rows / width
@@ -281,7 +157,7 @@ def scaled_sums(formula: Formula, layout: Layout, rows: bool, scale, *raw) -> ja
   (not differentiable: its callers keep the derivative of :func:`reduced`).
   """
   labels, preds, pos_weight, smoothing, weight = _rows_inputs(layout, *raw)
-  losses = _losses(formula, labels, preds, pos_weight, smoothing, safe=True)
+  losses = element_losses(formula, labels, preds, pos_weight, smoothing, safe=True)
   if weight is None:
     terms = losses * jnp.asarray(scale, losses.dtype)
     return jnp.sum(terms, axis=-1) if rows else jnp.sum(terms)
@@ -355,7 +231,7 @@ def _value_for_platform(formula, kind, layout, raw, losses, weight):
   """The value beside a derivative: how it is computed is chosen per platform, here.
 
   * CPU: :func:`reduced`'s own fast path (flat vectors and barriers, see
-    the module docstring). The derivative's elementwise pass is separate:
+    :mod:`bce_jax._fast_sums`). The derivative's elementwise pass is separate:
     XLA's CPU reduction fusion would otherwise write shared values out.
   * Every other platform (GPU): the sum of the element losses that the
     derivative's pass computes from the same inputs, with no barrier and no
@@ -429,7 +305,7 @@ def _reduced_jvp(formula, kind, layout, primals, tangents):
       labels = jnp.where(jnp.isfinite(labels), labels, poison)
       labels = jnp.minimum(jnp.maximum(labels, -infinity), infinity + 1)  # kept: no bounds
       preds = _sanitized(preds, poison, infinity)
-    return _losses(formula, labels, preds, pos_weight, smoothing, safe=False)
+    return element_losses(formula, labels, preds, pos_weight, smoothing, safe=False)
 
   # Scalars through a barrier, as _logsig.fresh: a smoothing or pos_weight
   # broadcast shared with the value's reduction would be written out in full.

@@ -4,6 +4,7 @@
 says how the arrays of a call are brought to `[M, L]` rows (`M` per-sample
 entries of `L` elements) and how weights and masks reach the rows. Both are
 hashable: they are static arguments of the jitted cores.
+:func:`element_losses` applies a formula to rows as the call gave them.
 """
 
 from __future__ import annotations
@@ -96,3 +97,11 @@ class Layout:
 
 def compute_dtype(dtype: Any) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
+
+
+def element_losses(formula: Formula, labels, preds, pos_weight, smoothing, safe: bool) -> jax.Array:
+  """Element losses of raw inputs: cast and smoothing happen inside the fusion."""
+  dtype = compute_dtype(preds.dtype)
+  smoothing = smoothing.astype(dtype)
+  labels = labels.astype(dtype) * (1 - smoothing) + 0.5 * smoothing
+  return formula(labels, preds.astype(dtype), pos_weight, safe=safe)

@@ -82,7 +82,9 @@ class BinaryCrossentropy(Loss):
     name: a name, for configs and logging.
     pos_weight: weight of the positive term (beyond Keras; as PyTorch's
       ``pos_weight``): a float, or (nested) tuples of floats that broadcast to
-      the element losses without changing their shape. None is 1.
+      the element losses without changing their shape. None is 1. Each call
+      takes it in its compute dtype: whole in float64 for float64 `y_pred`
+      under ``jax_enable_x64``, rounded to float32 otherwise.
     dtype: Keras's compute-dtype argument, refused unless None (keyword).
       bce_jax computes in float32 (float64 for float64 `y_pred` under
       ``jax_enable_x64``) whatever the input dtype and returns that dtype, so

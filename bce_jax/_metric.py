@@ -100,10 +100,7 @@ class Metric(Config):
         sums = eager.call(state.sums, y_true, y_pred, eager.pos_weight, sample_weight, mask)
         return _state.from_sums(sums, tag)
     state = _state.check_state(state, tag)
-    formula, label_smoothing, pos_weight, axis, elementwise = self.call_config()
-    layout, arrays = _reduce.prepare_call(
-      y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask, elementwise
-    )
+    formula, layout, arrays = _reduce.prepare_object_call(self, y_true, y_pred, sample_weight, mask)
     _eager.note_concrete(y_true, y_pred, sample_weight, mask)
     sums = _update(formula, layout, state.sums, *arrays)
     return _state.from_sums(sums, tag)

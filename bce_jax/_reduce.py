@@ -32,6 +32,7 @@ __all__ = [
   "flag",
   "object_loss",
   "prepare_call",
+  "prepare_object_call",
 ]
 
 
@@ -77,6 +78,22 @@ def prepare_call(
     None if mask is None else tuple(mask.shape),
   )
   return layout, (*arrays, sample_weight, mask)
+
+
+def prepare_object_call(obj, y_true, y_pred, sample_weight, mask):
+  """:func:`prepare_call` for a loss or metric object; returns its formula too.
+
+  The configured `pos_weight` comes in the call's compute dtype: whole in
+  float64 for float64 `y_pred` under x64, rounded to float32 otherwise.
+  """
+  y_true = _validate.as_array("y_true", y_true)  # first, as in prepare_call, for its errors
+  y_pred = _validate.as_array("y_pred", y_pred)
+  config = obj.call_config(_validate.compute_dtype(y_pred))
+  formula, label_smoothing, pos_weight, axis, elementwise = config
+  layout, arrays = prepare_call(
+    y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask, elementwise
+  )
+  return formula, layout, arrays
 
 
 @functools.lru_cache(maxsize=4096)
@@ -271,7 +288,7 @@ def elementwise(formula, y_true, y_pred, label_smoothing, pos_weight) -> jax.Arr
   head = _function_head("elementwise", formula, label_smoothing, pos_weight, None, None)
   e = eager(
     head,
-    lambda: (formula, label_smoothing, pos_weight, None, None),
+    lambda _: (formula, label_smoothing, pos_weight, None, None),
     (_checked_elementwise,),
     y_true,
     y_pred,
@@ -289,10 +306,7 @@ def object_loss(loss, y_true, y_pred, sample_weight=None, mask=None) -> jax.Arra
   e = eager(loss, loss.call_config, checked, y_true, y_pred, sample_weight, mask)
   if e is not None:
     return e.call(y_true, y_pred, e.pos_weight, sample_weight, mask)
-  formula, label_smoothing, pos_weight, axis, elementwise = loss.call_config()
-  layout, arrays = prepare_call(
-    y_true, y_pred, label_smoothing, pos_weight, axis, sample_weight, mask, elementwise
-  )
+  formula, layout, arrays = prepare_object_call(loss, y_true, y_pred, sample_weight, mask)
   note_concrete(y_true, y_pred, sample_weight, mask)
   return _loss_core(formula, layout, loss.reduction, *arrays)
 
@@ -304,7 +318,7 @@ def axis_mean(
   head = _function_head(_PER_SAMPLE, formula, label_smoothing, pos_weight, axis, elementwise)
   e = eager(
     head,
-    lambda: (formula, label_smoothing, pos_weight, axis, elementwise),
+    lambda _: (formula, label_smoothing, pos_weight, axis, elementwise),
     _PER_SAMPLE_CORE,
     y_true,
     y_pred,

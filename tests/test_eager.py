@@ -171,7 +171,7 @@ class SmoothingConstantTest(parameterized.TestCase):
     y, x = _case(9)
     bce = bce_jax.BinaryCrossentropy(from_logits=True, label_smoothing=0.25)
     bce(y, x), bce(y, x)
-    entry = bce_jax._eager._EAGER[(bce, False)]  # the configuration's callable, x64 off
+    entry = bce_jax._eager._EAGER[(bce, False, False)]  # the configuration's callable, x64 off
     lowered = entry.call.lower(y, x, entry.pos_weight, None, None)
     # y_true and y_pred: no array for the smoothing (None leaves no parameter).
     self.assertEqual(len(jax.tree.leaves(lowered.args_info)), 2)

@@ -586,7 +586,7 @@ _BASELINES = [
     ),
   ),
   # Weighted and masked bfloat16 rows of 8 reduce transposed inputs
-  # (_kernel._weighted_columns): XLA writes them as two f32[8, M] copies,
+  # (_fast_sums._weighted_columns): XLA writes them as two f32[8, M] copies,
   # which costs less than the blocks' narrow loop (NarrowRowsTest).
   # transpose_copy_fusion.3 = fusion f32[8,131072]{1,0}
   # transpose_copy_fusion.4 = fusion f32[8,131072]{1,0}
@@ -787,7 +787,7 @@ class FastPathTest(parameterized.TestCase):
 
 # Narrow rows of the widths the matrix leaves out (it has rows of 8). A
 # weighted or masked total reduces the transposed inputs (`[L, M]`, which XLA
-# writes as two float32 copies) below `_kernel._columns_below` elements a row,
+# writes as two float32 copies) below `_fast_sums._columns_below` elements a row,
 # and `[M/k, k, L]` blocks of rows from there, which write nothing.
 NARROW_WIDTHS = (2, 3, 5, 12, 16)
 

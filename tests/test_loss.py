@@ -5,6 +5,7 @@ once without it and compares with the jitted result. Configs run eagerly.
 """
 
 import dataclasses
+import functools
 import json
 
 import chex
@@ -187,6 +188,37 @@ class PosWeightTest(parameterized.TestCase):
     np.testing.assert_allclose(
       np.asarray(grad), ref.grad_logits(y, x, pos_weight=2.0), rtol=8 * F32_EPS
     )
+
+  @parameterized.product(
+    focal=(False, True),
+    pos_weight=(0.1, (0.1, 1 / 3, 2.7)),
+    inputs=("jax", "numpy"),  # jax arrays take the eager callable; NumPy arrays the checked call
+  )
+  def test_configured_pos_weight_keeps_float64_under_x64(self, focal, pos_weight, inputs):
+    # The configured pos_weight is cast to the call's compute dtype: float64 for
+    # float64 inputs under x64 (0.1 rounded to float32 would err by ~1.5e-8), and
+    # float32 for float32 inputs, whose values are those of x64 off to the bit.
+    rng = np.random.default_rng(21)
+    y = (rng.random((6, 3)) < 0.5).astype(np.float64)
+    x = 3.0 * rng.standard_normal((6, 3))
+    if focal:
+      loss = bce_jax.BinaryFocalCrossentropy(from_logits=True, gamma=1.5, pos_weight=pos_weight)
+      want = ref.focal_elementwise(y, x, True, gamma=1.5, pos_weight=np.asarray(pos_weight))
+    else:
+      loss = bce_jax.BinaryCrossentropy(from_logits=True, pos_weight=pos_weight)
+      want = ref.elementwise(y, x, True, pos_weight=np.asarray(pos_weight))
+    want = want.mean()
+    as_input = jnp.asarray if inputs == "jax" else np.asarray
+    y32, x32 = (as_input(a.astype(np.float32)) for a in (y, x))
+    before = [loss(y32, x32), _call(loss, y32, x32)]
+    with jax.enable_x64(True):
+      y64, x64 = (as_input(a) for a in (y, x))
+      for call in (loss, functools.partial(_call, loss)):
+        got = call(y64, x64)
+        self.assertEqual(got.dtype, jnp.float64)
+        np.testing.assert_allclose(float(got), want, rtol=1e-15)
+        chex.assert_trees_all_equal(call(y32, x32), before[call is not loss])
+    chex.assert_trees_all_equal([loss(y32, x32), _call(loss, y32, x32)], before)
 
 
 class PytreeAndConfigTest(parameterized.TestCase):
