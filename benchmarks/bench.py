@@ -7,6 +7,7 @@ Modes (one command each; see benchmarks/README.md):
   python benchmarks/bench.py --matrix         # shapes x paths x dtypes x modes, N = 1e7
   python benchmarks/bench.py --eager          # small batches called without jax.jit
   python benchmarks/bench.py --narrow         # rows of 2-16 elements against flat [N], N = 2e6
+  python benchmarks/bench.py --odd-rows       # an odd row count against an even one, every peer
   python benchmarks/bench.py --matrix --check-targets   # matrix, eager and the targets
   python benchmarks/bench.py --markdown FILE.json       # a results file as README tables
 
@@ -175,6 +176,22 @@ def run_narrow(args, argv) -> dict:
   return record
 
 
+def run_odd_rows(args, argv) -> dict:
+  """An odd number of rows against a multiple of 8, bce_jax and its peers."""
+  n = int(args.n or 2e6)
+  repeats = args.repeats or 9
+  record = _record("odd-rows", repeats, argv)
+  tag = args.tag or jax.default_backend()
+  print(f"odd rows: [M + 1, 8] against [M, 8], N = {n:.0e}, {repeats} repeats")
+  rows = narrow.run_odd(
+    n, 8, args.dtypes, matrix.MODES, repeats, lambda r: print(narrow.format_odd_row(r))
+  )
+  record.update(n=n, odd_rows=rows)
+  _write(RESULTS / f"odd-rows-{tag}.json", record)
+  print(f"wrote {RESULTS / f'odd-rows-{tag}.json'}")
+  return record
+
+
 def _evaluate(record: dict) -> list[dict]:
   """The targets of a saved record, evaluated afresh (flat records keep their own)."""
   if record.get("kind") == "matrix":
@@ -190,6 +207,7 @@ def _parser() -> argparse.ArgumentParser:
   add("--matrix", action="store_true", help="the shape matrix (default N = 1e7)")
   add("--eager", action="store_true", help="the eager-call table")
   add("--narrow", action="store_true", help="rows of 2-16 elements against flat [N] (N = 2e6)")
+  add("--odd-rows", action="store_true", help="[M + 1, 8] against [M, 8] rows, every peer")
   add("--widths", type=int, nargs="+", help="narrow: the row widths (default 2 3 4 5 6 8 12 16)")
   add(
     "--check-targets",
@@ -242,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     results += run_matrix(args, argv)["targets"]
   if args.narrow:
     run_narrow(args, argv)
+  if args.odd_rows:
+    run_odd_rows(args, argv)
   if args.eager or (args.check_targets and args.matrix):
     results += run_eager(args, argv)["targets"]
   if args.check_targets and not (args.matrix or args.eager):
@@ -252,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         record = json.loads(saved.read_text())
         print(f"from {saved}: {report.header(record)}")
         results += _evaluate(record)
-  if not (args.matrix or args.eager or args.check_targets or args.narrow):
+  if not (args.matrix or args.eager or args.check_targets or args.narrow or args.odd_rows):
     results = run_flat(args, argv)["targets"]
-  if results or not args.narrow:
+  if results or not (args.narrow or args.odd_rows):
     print("\ntargets:")
     print(targets.format_targets(results))
   missed = any(t["met"] is False for t in results)

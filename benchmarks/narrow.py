@@ -13,6 +13,9 @@ of 8, as batch sizes are: XLA:CPU's elementwise gradient pass runs about
 against ``[250000, 8]``), which would otherwise show up as a width's cost
 (N = 2e6 gives 333,333 rows of 6).
 Only bce_jax is timed: the peers are in the matrix (``--matrix``).
+
+:func:`run_odd` times that odd-row effect itself, for bce_jax and each peer:
+rows of 8 (a multiple of 8 of them) against one row more.
 """
 
 from __future__ import annotations
@@ -78,6 +81,59 @@ def run(n: int, widths, dtypes, paths, modes, repeats: int, on_row=print) -> lis
           on_row(row)
     del data
   return rows
+
+
+def run_odd(n: int, width: int, dtypes, modes, repeats: int, on_row=print) -> list[dict]:
+  """Each implementation on ``[M + 1, width]`` against ``[M, width]``, M a multiple of 8.
+
+  XLA:CPU's loop emitter splits the rows between parallel partitions; an
+  odd count leaves them uneven, and the loop it emits is then not
+  vectorized. Every jax program meets it, the peers' too.
+
+  Returns:
+    Rows with ``dtype``, ``mode``, ``impl``, ``even_seconds``,
+    ``odd_seconds`` and ``x_even`` (per element, odd rows over even rows).
+  """
+  rows = []
+  m = n // width // 8 * 8
+  impls = {k: v for k, v in peers.implementations("bce").items() if isinstance(v, peers.Impl)}
+  for dtype in dtypes:
+    data = {
+      "even": matrix.make_inputs((m, width), dtype),
+      "odd": matrix.make_inputs((m + 1, width), dtype),
+    }
+    for mode in modes:
+      calls = {}
+      for name, impl in impls.items():
+        cell = matrix.Cell("bce", "", "mean", mode, dtype)
+        for parity, inputs in data.items():
+          run, _ = matrix._impl_call(impl, cell, inputs)
+          calls[f"{name}|{parity}"] = run
+      times = timing.time_interleaved(calls, repeats)
+      for name in impls:
+        even, odd = times[f"{name}|even"].median, times[f"{name}|odd"].median
+        row = {
+          "dtype": dtype,
+          "mode": mode,
+          "impl": name,
+          "width": width,
+          "rows": m,
+          "even_seconds": even,
+          "odd_seconds": odd,
+          "x_even": odd / (m + 1) / (even / m),
+        }
+        rows.append(row)
+        on_row(row)
+    del data
+  return rows
+
+
+def format_odd_row(row: dict) -> str:
+  return (
+    f"{row['dtype']:8s} {row['mode']:14s} {row['impl']:8s} [{row['rows']},{row['width']}] "
+    f"{row['even_seconds'] * 1e3:8.2f} ms  [{row['rows'] + 1},{row['width']}] "
+    f"{row['odd_seconds'] * 1e3:8.2f} ms  {row['x_even']:5.2f}x"
+  )
 
 
 def format_row(row: dict) -> str:

@@ -272,5 +272,28 @@ class PipelinedTimingTest(absltest.TestCase):
     self.assertLen(waited, 1 + 3)  # the warm-up's sample, then one per repeat
 
 
+class OddRowsTest(absltest.TestCase):
+  def test_each_available_peer_is_timed_on_odd_and_even_rows(self):
+    _import_benchmarks()
+    import narrow
+    import peers
+
+    impls = peers.implementations("bce")
+    available = [name for name, impl in impls.items() if isinstance(impl, peers.Impl)]
+    rows = narrow.run_odd(2048, 8, ["float32"], ["value_and_grad"], 2, on_row=lambda r: None)
+    self.assertEqual([r["impl"] for r in rows], available)
+    self.assertEqual(available[0], "bce_jax")
+    if importlib.util.find_spec("optax") is not None:
+      self.assertIn("optax", available)
+    for row in rows:
+      with self.subTest(impl=row["impl"]):
+        self.assertEqual((row["rows"], row["width"]), (256, 8))  # 2048 / 8, a multiple of 8
+        self.assertGreater(row["even_seconds"], 0)
+        self.assertGreater(row["odd_seconds"], 0)
+        expected = row["odd_seconds"] / 257 / (row["even_seconds"] / 256)
+        self.assertAlmostEqual(row["x_even"], expected)
+    self.assertIn("[257,8]", narrow.format_odd_row(rows[0]))
+
+
 if __name__ == "__main__":
   absltest.main()
