@@ -450,6 +450,41 @@ class CheckpointTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"saved state was made by"):
       serialization.from_state_dict(BCE_M.init(), {**saved, "metric": state.metric})
 
+  @parameterized.named_parameters(*_MODES)
+  def test_a_class_saved_as_main_restores_where_its_module_is_imported(self, use_jit):
+    # A metric class defined in a training script is __main__.MyMetric when the
+    # script runs and train.MyMetric where an evaluation imports it: one class,
+    # so its checkpoints restore either way (by Flax; the methods still refuse).
+    serialization = self._flax_serialization()
+    state = LOOKALIKE_M.update(LOOKALIKE_M.init(), Y, X)
+    as_main = "__main__." + state.metric[len(__name__) + 1 :]
+    self.assertEqual(as_main, "__main__.BinaryCrossentropyMetric(" + as_main.split("(", 1)[1])
+    saved = serialization.to_bytes(dataclasses.replace(state, metric=as_main))
+    restored = serialization.from_bytes(LOOKALIKE_M.init(), saved)
+    self.assertEqual(restored.metric, state.metric)
+    np.testing.assert_array_equal(
+      np.asarray(_maybe_jit(LOOKALIKE_M.update, use_jit)(restored, Y, X).sums),
+      np.asarray(LOOKALIKE_M.update(state, Y, X).sums),
+    )
+    # And the other way: an imported class's checkpoint into the script's target.
+    main_target = dataclasses.replace(LOOKALIKE_M.init(), metric=as_main)
+    back = serialization.from_bytes(main_target, serialization.to_bytes(state))
+    self.assertEqual(back.metric, as_main)
+    # The methods refuse it, with the fix; other classes and configurations, and
+    # bce_jax's own class of that name, refuse it on restore too.
+    with self.assertRaisesRegex(ValueError, r"__main__.*dataclasses\.replace"):
+      _maybe_jit(LOOKALIKE_M.update, use_jit)(dataclasses.replace(state, metric=as_main), Y, X)
+    bare = BCE_M.init().metric
+    refused = (
+      (BCE_M.init(), as_main),
+      (LOOKALIKE_M.init(), "__main__.Other" + bare),
+      (LOOKALIKE_M.init(), "__main__." + bce_jax.BinaryCrossentropyMetric().init().metric),
+      (LOOKALIKE_M.init(), "__main__." + bare.replace("(", "Two(", 1)),
+    )
+    for target, tag in refused:
+      with self.subTest(tag), self.assertRaisesRegex(ValueError, r"saved state was made by"):
+        serialization.from_state_dict(target, {"sums": np.asarray(state.sums), "metric": tag})
+
   def test_orbax_four_array_layout_restores_through_flax(self):
     # The changelog's path for an orbax checkpoint saved before the sums were packed.
     try:
