@@ -54,10 +54,12 @@ class MetricState:
   Where ``flax.serialization`` is loaded when a state is made,
   ``flax.serialization.to_bytes`` / ``from_bytes`` (and ``to_state_dict`` /
   ``from_state_dict``) save it as Flax users save a train state; the state
-  dict holds `sums` and `metric`, checked against the target's when it is
-  restored (a state of a class defined outside bce_jax, saved when its tag
-  was the bare class name, restores into that class's ``init()`` and takes
-  its tag). A state dict of the earlier layout, four arrays ``total``,
+  dict holds `sums` and `metric`, whose class name and configuration are
+  checked against the target's when it is restored, the module aside (a
+  class saved by the script that defines it, ``__main__.MyMetric``,
+  restores where it is imported, ``train.MyMetric``, and states saved
+  before tags named the module restore too; the target's tag replaces the
+  saved one). A state dict of the earlier layout, four arrays ``total``,
   ``total_err``, ``count`` and ``count_err``, is restored too: its arrays
   are packed into `sums`.
 
@@ -257,30 +259,34 @@ def bare_tag(tag: str) -> str:
 
 
 def restores_into(saved: Any, tag: str | None) -> bool:
-  """Whether a checkpoint's `metric` tag, `saved`, restores into a target tagged `tag`:
-  equal tags, or a state saved under the bare form of `tag` (a class defined
-  outside bce_jax, saved before its tags named its module), which the target's
-  tag then replaces. Only restoring takes the bare form: a metric's methods
-  refuse it, since bce_jax's class of that name makes the same tag."""
+  """Whether a checkpoint's `metric` tag, `saved`, restores into a target tagged `tag`.
+
+  Restoring compares the class's name and the configuration, not the module:
+  a class's module is where its code lives, and moves (a metric class defined
+  in a script is ``__main__.MyMetric`` when the script runs and
+  ``train.MyMetric`` where an evaluation imports it; a refactor moves it;
+  before bce_jax named the module, every tag was bare). The target, which the
+  caller picks, gives the restored state its tag. A metric's methods compare
+  the whole tag: they never take a state whose tag names another module.
+  """
   if saved == tag:
     return True
-  return isinstance(saved, str) and isinstance(tag, str) and saved == bare_tag(tag)
+  return isinstance(saved, str) and isinstance(tag, str) and bare_tag(saved) == bare_tag(tag)
 
 
 def check_tag(made_by: str | None, tag: str, argname: str = "state") -> None:
   """A ValueError unless a state's `metric` tag, `made_by`, is `tag` (this metric's)."""
   if made_by == tag:
     return
-  if made_by is not None and made_by == bare_tag(tag):
+  if made_by is not None and bare_tag(made_by) == bare_tag(tag):
     raise ValueError(
-      f"`{argname}` was made by {made_by}, not by this metric, {tag}. That is the tag, "
-      f"with the bare class name, of a bce_jax metric of that name, and of this class "
-      f"before bce_jax named the module in the tags of metrics defined outside it: it is "
-      f"never combined with this metric's states. Pass a state from this metric's "
-      f"init() and update(); restore a checkpoint of this class saved under the bare "
-      f"class name with flax.serialization.from_bytes or from_state_dict into this "
-      f"metric's init(), which accepts it, and re-tag an unpickled one of this class with "
-      f"dataclasses.replace(state, metric=metric.init().metric)."
+      f"`{argname}` was made by {made_by}, not by this metric, {tag}: the same class name "
+      f"and configuration, with another module (or none: bce_jax's own metric of that "
+      f"name, or this class before bce_jax named the module in tags). A metric's methods "
+      f"never combine states across modules. Pass a state from this metric's init() and "
+      f"update(); restore a checkpoint with flax.serialization.from_bytes or "
+      f"from_state_dict into this metric's init(), which re-tags it, and re-tag an "
+      f"unpickled state with dataclasses.replace(state, metric=metric.init().metric)."
     )
   who = "no metric (its `metric` is None: built by hand)" if made_by is None else made_by
   raise ValueError(

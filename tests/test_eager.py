@@ -410,7 +410,7 @@ class MetricEagerTest(parameterized.TestCase):
     self.assertGreater(float(bce_state.total), float(child_state.total))
     self.assertStartsWith(child_state.metric, f"{__name__}.MetricEagerTest.")
     self.assertEndsWith(child_state.metric, f".<locals>.{bce_state.metric}")
-    with self.assertRaisesRegex(ValueError, "bare class name"):
+    with self.assertRaisesRegex(ValueError, "another module"):
       child.update(bce_state, y, x)
 
   def test_a_state_of_another_configuration_is_refused_after_updates(self):
