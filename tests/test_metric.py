@@ -622,6 +622,22 @@ class AccuracyAtScaleTest(parameterized.TestCase):
     naive = float(naive_total) / float(naive_count)
     self.assertGreater(abs(naive / expected - 1), 1e-5)
 
+  @parameterized.parameters(False, True)
+  def test_configured_pos_weight_is_used_whole_for_float64_inputs(self, use_jit):
+    # Under x64 a metric's pos_weight reaches float64 inputs unrounded; the
+    # double-float total then keeps the digits that a float32 0.3 loses.
+    rng = np.random.default_rng(30)
+    y = (rng.random((64, 5)) < 0.5).astype(np.float64)
+    x = 3.0 * rng.standard_normal((64, 5))
+    m = Metric(from_logits=True, pos_weight=0.3)
+    update = jax.jit(m.update) if use_jit else m.update
+    with jax.enable_x64(True):
+      state = update(m.init(), jnp.asarray(y), jnp.asarray(x))
+    want = ref.elementwise(y, x, True, pos_weight=np.float64(0.3)).mean(-1).sum()
+    rounded = ref.elementwise(y, x, True, pos_weight=np.float64(np.float32(0.3))).mean(-1).sum()
+    self.assertGreater(abs(rounded / want - 1), 1e-9)  # what a float32 weight would give
+    np.testing.assert_allclose(_total(state), want, rtol=1e-11)
+
   def test_count_does_not_stall_past_2_24(self):
     m = Metric(from_logits=True)
     y, x = np.ones((1, 1), np.float32), np.full((1, 1), -0.5, np.float32)
