@@ -357,8 +357,7 @@ def _checked_result(tag: str, sums) -> jax.Array:
 
 @jax.jit
 def _result(state: MetricState) -> jax.Array:
-  sums = state.sums
-  total = sums[..., 0] + sums[..., 1]
-  count = sums[..., 2] + sums[..., 3]
+  total = state.total + state.total_err
+  count = state.count + state.count_err
   empty = count == 0
   return jnp.where(empty, 0.0, total / jnp.where(empty, 1.0, count))
